@@ -1,0 +1,763 @@
+"""Llama in plain jax.numpy: config, parameters, forward pass, loss, generation, Hugging Face I/O.
+
+Read top to bottom:
+  1. LlamaConfig, read from and written to a Hugging Face config.json.
+  2. Parameters: a nested dict of arrays, decoder layers stacked on a leading L axis.
+  3. The forward pass: embed, one lax.scan over layers (RMSNorm, RoPE, grouped-query attention with a
+     causal+segment mask, SwiGLU MLP), final norm, LM head. A per-layer hook lets sharding.py all-gather
+     FSDP shards inside the scan without this file knowing about devices.
+  4. The loss: summed token cross-entropy under a loss mask, and the number of loss tokens.
+  5. Generation with a KV cache.
+  6. Hugging Face safetensors in (streamed, optionally straight into a sharding) and out (atomic, sharded).
+  7. `python llama.py compare`: check our logits against transformers on a real checkpoint.
+
+Shape letters: B batch, T time (queries), S time (keys), D model width, H query heads, K kv heads,
+G = H / K query heads per kv head, E head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Config
+# ---------------------------------------------------------------------------------------------------------
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or config that we cannot load faithfully. The message names the file and field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_hidden_layers: int  # L
+    num_attention_heads: int  # H
+    num_key_value_heads: int  # K (= H for Llama 1 and Llama-2-7B; < H is grouped-query attention)
+    head_dim: int  # E (= D / H unless config.json says otherwise)
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    model_type: str = "llama"
+    sliding_window: int | None = None  # Mistral: equal to full attention while T <= sliding_window
+
+    @classmethod
+    def from_hf(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
+        """Read a transformers config dict (4.x or 5.x layout). Anything we would silently compute
+        differently is an error naming the field."""
+
+        def fail(field, value, why):
+            raise CheckpointError(f"{source}: {field}={value!r} is not supported ({why})")
+
+        model_type = d.get("model_type", "llama")
+        if model_type not in ("llama", "mistral"):
+            fail("model_type", model_type, "only Llama-architecture models (llama, mistral) are implemented")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            fail("hidden_act", act, "the MLP is SwiGLU with silu")
+        for field in ("attention_bias", "mlp_bias"):
+            if d.get(field, False):
+                fail(field, d[field], "projections have no bias here")
+        # transformers 4.x: top-level rope_theta and rope_scaling; 5.x: a rope_parameters dict.
+        rope = d.get("rope_parameters") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            fail("rope_parameters.rope_type", rope_type, "only plain RoPE is implemented")
+        scaling = d.get("rope_scaling")
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) != "default":
+            fail("rope_scaling", scaling, "only plain RoPE is implemented")
+        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+        for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            if not isinstance(d.get(field), int) or d[field] <= 0:
+                raise CheckpointError(f"{source}: {field} must be a positive integer, got {d.get(field)!r}")
+        heads = d["num_attention_heads"]
+        kv_heads = d.get("num_key_value_heads") or heads
+        if heads % kv_heads:
+            fail("num_key_value_heads", kv_heads, f"must divide num_attention_heads={heads}")
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        window = d.get("sliding_window") if model_type == "mistral" else None
+
+        def token_id(name):
+            v = d.get(name)
+            return v[0] if isinstance(v, list) else v
+
+        return cls(
+            vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            bos_token_id=token_id("bos_token_id"),
+            eos_token_id=token_id("eos_token_id"),
+            pad_token_id=token_id("pad_token_id"),
+            model_type=model_type,
+            sliding_window=window,
+        )
+
+    def to_hf(self, dtype: str = "float32") -> dict:
+        """A config.json that transformers 4.x and 5.x both read: rope_theta is written in both layouts."""
+        d = {
+            "architectures": ["MistralForCausalLM" if self.model_type == "mistral" else "LlamaForCausalLM"],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "torch_dtype": dtype,  # transformers 4.x name
+            "dtype": dtype,  # transformers 5.x name
+        }
+        if self.model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Parameters
+# ---------------------------------------------------------------------------------------------------------
+# A plain dict. Matrices are stored for `x @ W`, i.e. [in, out]: the transpose of PyTorch's nn.Linear
+# weight [out, in]. The decoder layers are stacked on a leading L axis so that one lax.scan runs them all:
+# compile time does not grow with depth. The table maps our names to Hugging Face's (and says which are
+# transposed on the way in and out). q_proj/k_proj are taken as they are: HF checkpoints already use the
+# "rotate half" RoPE layout that apply_rope below implements, so no q/k permutation is needed.
+
+LAYER_NAMES = {  # ours: (HF name under model.layers.{i}., transposed?)
+    "attn_norm": ("input_layernorm.weight", False),  # [L, D]
+    "wq": ("self_attn.q_proj.weight", True),  # [L, D, H*E]
+    "wk": ("self_attn.k_proj.weight", True),  # [L, D, K*E]
+    "wv": ("self_attn.v_proj.weight", True),  # [L, D, K*E]
+    "wo": ("self_attn.o_proj.weight", True),  # [L, H*E, D]
+    "mlp_norm": ("post_attention_layernorm.weight", False),  # [L, D]
+    "w_gate": ("mlp.gate_proj.weight", True),  # [L, D, F]
+    "w_up": ("mlp.up_proj.weight", True),  # [L, D, F]
+    "w_down": ("mlp.down_proj.weight", True),  # [L, F, D]
+}
+TOP_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),  # [V, D]: a lookup table, rows are tokens
+    "final_norm": ("model.norm.weight", False),  # [D]
+    "lm_head": ("lm_head.weight", True),  # [D, V]; absent when tie_word_embeddings (logits = h @ embed.T)
+}
+
+
+def param_shapes(c: LlamaConfig) -> dict:
+    """Our parameter shapes, the single source of truth for loading, init and sharding."""
+    D, F, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
+    HE, KE = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D),
+            "wq": (L, D, HE),
+            "wk": (L, D, KE),
+            "wv": (L, D, KE),
+            "wo": (L, HE, D),
+            "mlp_norm": (L, D),
+            "w_gate": (L, D, F),
+            "w_up": (L, D, F),
+            "w_down": (L, F, D),
+        },
+        "final_norm": (D,),
+    }
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def init_params(c: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> dict:
+    """Random weights (normal(0, std), norms at 1): for tests and benchmarks, not for training from scratch."""
+    shapes = param_shapes(c)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = [
+        jnp.ones(s, dtype) if "norm" in p else (std * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+        for p, s, k in zip(paths, leaves, keys)
+    ]
+    return jax.tree.unflatten(treedef, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Forward pass
+# ---------------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, weight, eps):
+    """RMSNorm in float32 whatever the compute dtype: the mean of squares of D values in bf16 loses digits."""
+    x = x.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    return weight.astype(jnp.float32) * x
+
+
+def rope_tables(positions, head_dim, theta):
+    """cos, sin [B, T, E] for rotary embeddings, in float32. Frequencies are laid out as HF does:
+    the first and second halves of the head dim form the rotated pairs (i, i + E/2)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))  # [E/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, E]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, ..., E] rotated by position: x * cos + rotate_half(x) * sin, with rotate_half(a, b) = (-b, a)."""
+    extra = x.ndim - cos.ndim  # head axes between T and E
+    cos = cos.reshape(cos.shape[:2] + (1,) * extra + cos.shape[2:])
+    sin = sin.reshape(sin.shape[:2] + (1,) * extra + sin.shape[2:])
+    xf = x.astype(jnp.float32)
+    x1, x2 = jnp.split(xf, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_mask(segment_ids):
+    """[B, T, T] bool: causal, and a query only sees keys of its own segment. Packed examples never see each
+    other; padding (segment 0) only sees padding, which keeps every softmax row non-empty."""
+    T = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((T, T), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return causal[None] & same
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention. q [B, T, K, G, E]; k, v [B, S, K, E]; mask [B, T, S].
+    Query head h = k*G + g uses kv head k, which is HF's repeat_kv order. Scores and softmax in float32."""
+    E = q.shape[-1]
+    scores = jnp.einsum("btkge,bske->bkgts", q, k, preferred_element_type=jnp.float32) / math.sqrt(E)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v)
+
+
+def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=None):
+    """One pre-norm decoder layer. x [B, T, D] float32 (the residual stream stays float32);
+    matmuls run in `dtype`. With kv = {"k", "v": [B, S, K, E]} (a KV cache) the new keys/values are written
+    at `index` and attention runs over the whole cache; the updated cache is returned."""
+    B, T, _ = x.shape
+    K, E = c.num_key_value_heads, c.head_dim
+    G = c.num_attention_heads // K
+    w = jax.tree.map(lambda a: a.astype(dtype) if a.ndim > 1 else a, w)  # no-op when the hook already cast
+
+    h = rms_norm(x, w["attn_norm"], c.rms_norm_eps).astype(dtype)
+    q = apply_rope((h @ w["wq"]).reshape(B, T, K, G, E), cos, sin)
+    k = apply_rope((h @ w["wk"]).reshape(B, T, K, E), cos, sin)
+    v = (h @ w["wv"]).reshape(B, T, K, E)
+    if kv is not None:
+        k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
+        kv = {"k": k, "v": v}
+    o = attention(q, k, v, mask).reshape(B, T, K * G * E)
+    x = x + (o @ w["wo"]).astype(jnp.float32)
+
+    h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps).astype(dtype)
+    gate = jax.nn.silu(h @ w["w_gate"])  # SwiGLU: silu(h W_gate) * (h W_up), then W_down
+    x = x + ((gate * (h @ w["w_up"])) @ w["w_down"]).astype(jnp.float32)
+    return x, kv
+
+
+def _compute_dtype(params, compute_dtype):
+    return jnp.dtype(compute_dtype) if compute_dtype is not None else params["layers"]["wq"].dtype
+
+
+def hidden_states(params, tokens, c: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
+                  layer_hook: Callable | None = None, remat: bool = False):
+    """Final-normed hidden states [B, T, D] float32."""
+    B, T = tokens.shape
+    if c.sliding_window is not None and T > c.sliding_window:
+        raise ValueError(f"sequence length {T} exceeds sliding_window={c.sliding_window}, which is not implemented")
+    dtype = _compute_dtype(params, compute_dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if segment_ids is None:
+        segment_ids = jnp.ones((B, T), jnp.int32)
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    mask = attention_mask(segment_ids)
+    hook = layer_hook or (lambda w: w)
+
+    def body(x, w):
+        # The hook sees one layer's weights (L axis removed) and returns them ready to use: sharding.py
+        # all-gathers FSDP shards here, so only one layer is ever whole on a device.
+        x, _ = decoder_layer(x, hook(w), cos, sin, mask, c, dtype)
+        return x, None
+
+    if remat:  # keep only the layer inputs; the backward pass recomputes the layer (and re-runs the hook)
+        body = jax.checkpoint(body)
+    x = params["embed"][tokens].astype(jnp.float32)  # [B, T, D]
+    x, _ = jax.lax.scan(body, x, params["layers"])
+    return rms_norm(x, params["final_norm"], c.rms_norm_eps)
+
+
+def unembed(params, h, c: LlamaConfig, compute_dtype=None):
+    """Logits [B, T, V] float32 from hidden states: h @ lm_head, or h @ embed.T when tied."""
+    dtype = _compute_dtype(params, compute_dtype)
+    w = params["embed"].T if c.tie_word_embeddings else params["lm_head"]  # [D, V]
+    return jnp.matmul(h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def forward(params, tokens, c: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
+            layer_hook: Callable | None = None, remat: bool = False):
+    """Logits [B, T, V] float32 for int32 tokens [B, T]. positions restart at 0 for each example packed into
+    a row; segment_ids (1, 2, ... per example, 0 for padding) keep packed examples from attending to each
+    other. compute_dtype None computes in the parameters' dtype (float32 for parity checks)."""
+    h = hidden_states(params, tokens, c, positions=positions, segment_ids=segment_ids,
+                      compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat)
+    return unembed(params, h, c, compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Loss
+# ---------------------------------------------------------------------------------------------------------
+
+
+def cross_entropy(logits, targets, loss_mask):
+    """(summed loss, number of loss tokens), float32. Returning the sum, not the mean, lets the caller divide
+    by the token count of the whole global batch rather than average per-device or per-micro-batch means."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
+
+
+def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=None, remat=False):
+    """batch: tokens, targets, loss_mask, segment_ids, positions, each [B, T]. targets[b, t] is the token
+    that position t predicts; loss_mask says which of those predictions count."""
+    logits = forward(params, batch["tokens"], c, positions=batch["positions"], segment_ids=batch["segment_ids"],
+                     compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat)
+    return cross_entropy(logits, batch["targets"], batch["loss_mask"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Generation with a KV cache
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _forward_cached(params, tokens, start, cache, c: LlamaConfig, dtype):
+    """Run tokens [B, t] at positions start..start+t-1, reading and extending the KV cache
+    {"k", "v": [L, B, S, K, E]}. Returns logits of the last position [B, V] and the new cache."""
+    B, t = tokens.shape
+    S = cache["k"].shape[2]
+    positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    key_pos = jnp.arange(S)
+    mask = jnp.broadcast_to(key_pos[None, None, :] <= positions[:, :, None], (B, t, S))  # causal over the cache
+
+    def body(x, layer):
+        w, kv = layer
+        x, kv = decoder_layer(x, w, cos, sin, mask, c, dtype, kv=kv, index=start)
+        return x, kv
+
+    x = params["embed"][tokens].astype(jnp.float32)
+    x, cache = jax.lax.scan(body, x, (params["layers"], cache))
+    h = rms_norm(x[:, -1:], params["final_norm"], c.rms_norm_eps)
+    return unembed(params, h, c, dtype)[:, 0], cache
+
+
+def sample_token(logits, key, temperature, top_p):
+    """Greedy when temperature == 0; else nucleus sampling: keep the smallest set of tokens whose
+    probability reaches top_p, renormalise, sample."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # The threshold is the smallest logit still inside the nucleus (the first token is always kept).
+    keep = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(params, prompt, c: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
+             top_p: float = 1.0, key=None, eos_token_id: int | None = None, compute_dtype=None,
+             use_cache: bool = True):
+    """Continue prompts (int32 [B, T0], same length) by up to max_new_tokens tokens.
+    Returns int32 [B, max_new_tokens]; after a sequence's EOS the rest is filled with EOS.
+    With the cache, the prompt is run once (prefill) and each new token costs one step over one position;
+    use_cache=False recomputes the whole prefix each step (slow; it exists to test the cache)."""
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if prompt.ndim == 1:
+        prompt = prompt[None]
+    eos = c.eos_token_id if eos_token_id is None else eos_token_id
+    key = jax.random.PRNGKey(0) if key is None else key
+    if prompt.shape[1] + max_new_tokens > c.max_position_embeddings:
+        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_position_embeddings={c.max_position_embeddings}")
+    fn = _generate_cached if use_cache else _generate_nocache
+    return fn(params, prompt, key, c, max_new_tokens, float(temperature), float(top_p), eos,
+              _compute_dtype(params, compute_dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+def _generate_cached(params, prompt, key, c, max_new, temperature, top_p, eos, dtype):
+    B, T0 = prompt.shape
+    S = T0 + max_new
+    shape = (c.num_hidden_layers, B, S, c.num_key_value_heads, c.head_dim)
+    cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    logits, cache = _forward_cached(params, prompt, 0, cache, c, dtype)  # prefill
+
+    def step(carry, i):
+        logits, cache, done, key = carry
+        key, sub = jax.random.split(key)
+        tok = sample_token(logits, sub, temperature, top_p)
+        tok = jnp.where(done, eos if eos is not None else 0, tok)
+        done = done | (tok == eos) if eos is not None else done
+        logits, cache = _forward_cached(params, tok[:, None], T0 + i, cache, c, dtype)
+        return (logits, cache, done, key), tok
+
+    done = jnp.zeros((B,), bool)
+    _, toks = jax.lax.scan(step, (logits, cache, done, key), jnp.arange(max_new))
+    return toks.T
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
+def _generate_nocache(params, prompt, key, c, max_new, temperature, top_p, eos, dtype):
+    B, T0 = prompt.shape
+    seq = jnp.concatenate([prompt, jnp.zeros((B, max_new), jnp.int32)], axis=1)
+    done = jnp.zeros((B,), bool)
+    toks = []
+    for i in range(max_new):  # test-only path: unrolled, a full forward per token
+        logits = forward(params, seq, c, compute_dtype=dtype)[:, T0 + i - 1]
+        key, sub = jax.random.split(key)
+        tok = sample_token(logits, sub, temperature, top_p)
+        tok = jnp.where(done, eos if eos is not None else 0, tok)
+        done = done | (tok == eos) if eos is not None else done
+        seq = seq.at[:, T0 + i].set(tok)
+        toks.append(tok)
+    return jnp.stack(toks, axis=1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Hugging Face checkpoints
+# ---------------------------------------------------------------------------------------------------------
+
+HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+            "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old Llama conversions store RoPE frequencies; we recompute them
+
+
+def resolve_model_path(path_or_repo_id: str, revision: str | None = None, allow_patterns=None) -> str:
+    """A local directory as is; otherwise a Hub repo id, downloaded (only the files we read) into the HF cache.
+    The token comes from huggingface_hub's usual sources (HF_TOKEN, `hf auth login`)."""
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    if os.path.exists(path_or_repo_id) or path_or_repo_id.startswith((".", "/", "~")) or path_or_repo_id.count("/") > 1:
+        raise CheckpointError(f"{path_or_repo_id}: no such model directory")
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(path_or_repo_id, revision=revision, allow_patterns=allow_patterns or HF_FILES)
+    except Exception as e:  # not found, gated, offline: all are "cannot get this model"
+        raise CheckpointError(f"{path_or_repo_id}: not a local directory, and the Hub download failed: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def _tensor_index(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, for single-file and sharded checkpoints."""
+    index_file = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        found = sorted(os.listdir(path))
+        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json (found: {found}); "
+                              "only safetensors checkpoints are read")
+    from safetensors import safe_open
+    with safe_open(single, framework="numpy") as f:
+        return {name: single for name in f.keys()}
+
+
+def _expected_tensors(c: LlamaConfig) -> dict[str, tuple]:
+    """HF name -> (our path, layer index or None, transposed?, HF shape)."""
+    shapes = param_shapes(c)
+    out = {}
+    for ours, (hf, t) in TOP_NAMES.items():
+        if ours in shapes:
+            s = shapes[ours]
+            out[hf] = ((ours,), None, t, s[::-1] if t else s)
+    for ours, (hf, t) in LAYER_NAMES.items():
+        s = shapes["layers"][ours][1:]
+        for i in range(c.num_hidden_layers):
+            out[f"model.layers.{i}.{hf}"] = (("layers", ours), i, t, s[::-1] if t else s)
+    return out
+
+
+def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision: str | None = None):
+    """(config, params) from a Hugging Face Llama checkpoint: a local directory or a Hub repo id.
+
+    Streams tensor by tensor from memory-mapped safetensors. With `shardings` (a pytree like the params of
+    jax.sharding.Sharding) every device receives only its own slice, read with get_slice, so host memory
+    never holds a second copy of the model."""
+    path = resolve_model_path(path_or_repo_id, revision)
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_file):
+        raise CheckpointError(f"{path}: no config.json")
+    with open(cfg_file) as f:
+        c = LlamaConfig.from_hf(json.load(f), source=cfg_file)
+    where = _tensor_index(path)
+    expected = _expected_tensors(c)
+    ignorable = {n for n in where if n.endswith(IGNORED_TENSORS)}
+    if c.tie_word_embeddings:
+        ignorable.add("lm_head.weight")  # some tied checkpoints store the copy anyway
+    missing = sorted(set(expected) - set(where))
+    unexpected = sorted(set(where) - set(expected) - ignorable)
+    if missing:
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                              f"({len(missing)} in all) for the config in config.json")
+    if unexpected:
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+                              f"({len(unexpected)} in all): not a plain Llama checkpoint?")
+
+    from safetensors import safe_open
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(where.values()))}
+        by_param: dict[tuple, dict] = {}
+        for name, (ours, layer, t, shape) in expected.items():
+            sl = handles[where[name]].get_slice(name)
+            if tuple(sl.get_shape()) != tuple(shape):
+                raise CheckpointError(f"{where[name]}: tensor {name} has shape {tuple(sl.get_shape())}, "
+                                      f"config.json implies {tuple(shape)}")
+            by_param.setdefault(ours, {})[layer] = (sl, t)
+
+        def reader(ours):
+            parts = by_param[ours]
+
+            def read(index):  # index: a tuple of slices into our (stacked, x @ W oriented) shape
+                index = tuple(index) + (slice(None),) * (len(_shape_of(ours)) - len(index))
+                if None in parts:  # a top-level tensor
+                    sl, t = parts[None]
+                    return _read(sl, t, index).astype(np_dtype)
+                layers = range(len(parts))[index[0]]
+                return np.stack([_read(parts[i][0], parts[i][1], index[1:]) for i in layers]).astype(np_dtype)
+
+            return read
+
+        def _shape_of(ours):
+            s = param_shapes(c)
+            for k in ours:
+                s = s[k]
+            return s
+
+        params: dict = {}
+        for ours in by_param:
+            shape = _shape_of(ours)
+            sharding = shardings
+            for k in ours:
+                sharding = sharding[k] if sharding is not None else None
+            if sharding is None:
+                arr = jnp.asarray(reader(ours)(()))
+            else:
+                arr = jax.make_array_from_callback(shape, sharding, reader(ours))
+            d = params
+            for k in ours[:-1]:
+                d = d.setdefault(k, {})
+            d[ours[-1]] = arr
+    return c, params
+
+
+def _read(sl, transposed, index):
+    """Read index (in our orientation) from a safetensors slice stored in HF orientation."""
+    if transposed:
+        return np.asarray(sl[index[1], index[0]]).T
+    return np.asarray(sl[index])
+
+
+def _to_host(x) -> np.ndarray:
+    """A whole array on this host, also when it is sharded across processes."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hf_tensors(c: LlamaConfig, params):
+    """Yield (HF name, numpy array in HF orientation), one stacked parameter on the host at a time."""
+    for ours, (hf, t) in TOP_NAMES.items():
+        if ours in params:
+            a = _to_host(params[ours])
+            yield hf, (a.T if t else a)
+    for ours, (hf, t) in LAYER_NAMES.items():
+        stacked = _to_host(params["layers"][ours])
+        for i in range(c.num_hidden_layers):
+            yield f"model.layers.{i}.{hf}", (stacked[i].T if t else stacked[i])
+        del stacked
+
+
+def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
+            tokenizer_dir: str | None = None, extra_files: dict[str, Any] | None = None) -> str:
+    """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
+    max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), optionally the tokenizer files
+    copied from tokenizer_dir, and extra JSON files. Written into a temporary directory that is renamed
+    into place when complete: a crash never leaves a directory that looks finished.
+    In a multi-process run every process must call this (the gathers are collective); only process 0 writes."""
+    from safetensors.numpy import save_file
+    np_dtype = np.dtype(jnp.dtype(dtype))
+    writer = jax.process_index() == 0
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+
+    # Plan the shards from the shapes first, so file names can say "of n" before any tensor is gathered.
+    expected = _expected_tensors(c)
+    order = [name for name, _ in _name_order(c)]
+    sizes = {name: int(np.prod(expected[name][3])) * np_dtype.itemsize for name in order}
+    shards, current, current_bytes = [], [], 0
+    for name in order:
+        if current and current_bytes + sizes[name] > max_shard_bytes:
+            shards.append(current)
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += sizes[name]
+    shards.append(current)
+    n = len(shards)
+    files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    file_of = {name: files[k] for k, names in enumerate(shards) for name in names}
+
+    pending: dict[str, dict] = {f: {} for f in files}
+    remaining = {f: len(names) for f, names in zip(files, shards)}
+    for name, arr in hf_tensors(c, params):
+        if not writer:
+            continue
+        f = file_of[name]
+        pending[f][name] = np.ascontiguousarray(arr.astype(np_dtype))
+        remaining[f] -= 1
+        if remaining[f] == 0:  # a shard is complete: write it and free its tensors
+            save_file(pending.pop(f), os.path.join(tmp, f), metadata={"format": "pt"})
+    if not writer:
+        return path
+
+    if n > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
+        _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
+    _write_json(os.path.join(tmp, "config.json"), c.to_hf(dtype=str(np_dtype)))
+    if tokenizer_dir is not None:
+        for fname in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.exists(os.path.join(tokenizer_dir, fname)):
+                shutil.copy(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
+    for fname, content in (extra_files or {}).items():
+        _write_json(os.path.join(tmp, fname), content)
+    # Swap into place: the old export (if any) is removed only once the new one is complete.
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _name_order(c: LlamaConfig):
+    """HF tensor names in the order hf_tensors yields them."""
+    for ours, (hf, _) in TOP_NAMES.items():
+        if ours != "lm_head" or not c.tie_word_embeddings:
+            yield hf, ours
+    for ours, (hf, _) in LAYER_NAMES.items():
+        for i in range(c.num_hidden_layers):
+            yield f"model.layers.{i}.{hf}", ours
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def resize_vocab(params, c: LlamaConfig, new_size: int):
+    """Stanford Alpaca's smart_tokenizer_and_embedding_resize: new embedding rows (and LM-head columns) are
+    the mean of the existing ones, so a new token (e.g. [PAD]) starts as an "average" token."""
+    old = c.vocab_size
+    if new_size < old:
+        raise ValueError(f"resize_vocab: new size {new_size} is smaller than the vocabulary ({old})")
+    params = dict(params)
+    emb = params["embed"]
+    params["embed"] = jnp.concatenate([emb, jnp.broadcast_to(emb.mean(0, keepdims=True), (new_size - old, emb.shape[1]))])
+    if "lm_head" in params:
+        head = params["lm_head"]
+        params["lm_head"] = jnp.concatenate(
+            [head, jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], new_size - old))], axis=1)
+    return params, dataclasses.replace(c, vocab_size=new_size)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. `python llama.py compare`: our logits against transformers on a real checkpoint
+# ---------------------------------------------------------------------------------------------------------
+
+
+def compare(model: str, prompt: str) -> dict:
+    """Max |logit difference| and top-1 agreement between this file and transformers, float32, CPU."""
+    try:
+        import torch
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        raise SystemExit("compare needs torch and transformers: pip install -r tests/requirements.txt")
+    import sentencepiece as spm
+
+    path = resolve_model_path(model)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
+    c, params = load_hf(path)
+    ids = [c.bos_token_id] + sp.encode(prompt)
+    ours = np.asarray(forward(params, jnp.asarray([ids], jnp.int32), c))[0]
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor([ids])).logits[0].numpy()
+    return {"tokens": len(ids), "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
+            "top1_agreement": float(np.mean(ours.argmax(-1) == theirs.argmax(-1))),
+            "logit_scale": float(np.abs(theirs).max())}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    cp = sub.add_parser("compare", help="compare our logits with transformers' on a checkpoint (float32, CPU)")
+    cp.add_argument("--model", required=True, help="HF model directory or Hub repo id")
+    cp.add_argument("--prompt", default="Below is an instruction that describes a task.")
+    args = p.parse_args(argv)
+    try:
+        print(json.dumps(compare(args.model, args.prompt)))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
