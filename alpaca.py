@@ -1,0 +1,548 @@
+"""Alpaca fine-tuning of Llama in plain JAX: the command line and the data pipeline.
+
+Stanford Alpaca fine-tunes LLaMA on 52K instruction records: each record becomes a prompt (a fixed
+template around the instruction and optional input) followed by the output, and the loss is taken only
+on the output and the end-of-sequence token. Stanford and Levanter pad every example to the longest of
+its micro-batch or to 512 tokens; Alpaca examples average 127 tokens, so most of the compute goes to
+padding. Here examples are *packed*: several whole examples share one row of `seq_len` tokens, with
+segment ids and positions that restart per example, so attention never crosses examples and the
+result is the same as padding, at a fraction of the token slots.
+
+The file reads top to bottom:
+  1. Config: every flag, with Stanford Alpaca's recipe as defaults, and the parser made from it.
+  2. Records: reading {instruction, input, output} from .json, .jsonl, .parquet or a Hub dataset.
+  3. Prompts and tokens: the template, SentencePiece, the loss boundary, truncation, a disk cache.
+  4. The plan: which examples go into which row of which step, a pure function of (seed, data).
+  5. Batches: the [R, T] arrays of step k, or only the rows of this process (multi-host).
+  6. main: `--dry_run` prints data statistics; training arrives with issue 5.
+
+Bad input (flags, data, tokenizer) raises InputError with a message that names the flag, file or
+record; main prints it and exits with status 2.
+"""
+
+import argparse
+import dataclasses
+import glob
+import hashlib
+import itertools
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import sentencepiece as spm
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Config
+
+
+def _f(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class Config:
+    # What to train on.
+    model: str = _f("meta-llama/Llama-2-7b-hf", "Hugging Face model: a local directory or a Hub repo id")
+    tokenizer: str = _f("", "tokenizer.model file, a directory holding one, or a Hub repo id; '' = --model")
+    data: str = _f("tatsu-lab/alpaca", "Alpaca records: a .json list, .jsonl, .parquet, a directory, or a Hub dataset id")
+    cache_dir: str = _f(".cache", "where tokenized data is cached (keyed by data, tokenizer, template, max_len)")
+    # How much: Stanford trains 3 epochs of 52,002 records at 128 a step, about 1218 steps.
+    steps: int = _f(0, "optimizer steps; 0 = as many as --epochs takes")
+    epochs: int = _f(3, "passes over the data, each in a fresh order from --seed (used when --steps is 0)")
+    batch_size: int = _f(128, "examples per optimizer step (an average when packing: see --seq_len)")
+    micro_batch_size: int = _f(0, "rows per forward/backward pass over all devices (gradient accumulation); "
+                                  "0 = the whole step in one pass; must be a multiple of the data-parallel size")
+    max_len: int = _f(512, "examples are truncated to this many tokens (Stanford's model_max_length)")
+    # 2048: ~128 Alpaca examples (mean 127 tokens) fill 8 rows of 2048 at >99% real tokens, one row per
+    # device of an 8-chip host; it is Llama's context length and attention is ~8% of a 7B model's FLOPs
+    # there. Small models on CPU pay relatively more for attention over long rows: use 512 for those.
+    seq_len: int = _f(2048, "tokens per packed row; with --no_pack, every example is padded to this length")
+    no_pack: bool = _f(False, "one example per row, padded to --seq_len (what Stanford and Levanter do)")
+    data_parallel: int = _f(0, "data-parallel (FSDP) size that the rows of a step must divide; 0 = all devices")
+    # Optimizer: AdamW, 3% linear warmup then cosine to 0, as Stanford's Trainer arguments.
+    lr: float = _f(2e-5, "peak learning rate")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    warmup_ratio: float = _f(0.03, "fraction of the steps spent in linear warmup")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this; 0 = no clipping")
+    beta1: float = _f(0.9, "AdamW beta1")
+    beta2: float = _f(0.999, "AdamW beta2")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    seed: int = _f(0, "seed of the data order (and of anything random)")
+    param_dtype: str = _f("float32", "dtype of the master parameters and optimizer state")
+    compute_dtype: str = _f("bfloat16", "dtype of the forward and backward matmuls")
+    # Run directory, checkpoints, logs, exports.
+    out: str = _f("runs/alpaca", "run directory: checkpoints, metrics.jsonl, HF exports; a rerun resumes from it")
+    checkpoint_every: int = _f(200, "steps between checkpoints; 0 = only at the end")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
+    log_every: int = _f(10, "steps between progress lines")
+    dry_run: bool = _f(False, "read, tokenize and pack the data, print one JSON line of statistics, exit "
+                              "(loads only the tokenizer, never the weights)")
+    hf_save_path: str = _f("", "directory for Hugging Face exports; '' = OUT/hf")
+    hf_save_steps: int = _f(0, "steps between Hugging Face exports; 0 = only at the end")
+    hf_upload: str = _f("", "Hub repo id to upload the final export to; '' = no upload")
+    wandb_project: str = _f("", "log to this Weights & Biases project (needs wandb installed); '' = off")
+
+
+class InputError(Exception):
+    """Bad flags, data or tokenizer: the message names what to fix. main prints it and exits 2."""
+
+
+def make_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type in (bool, "bool"):
+            p.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
+        else:
+            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    return p
+
+
+def check_config(c):
+    """The flag combinations that cannot work, named by flag, before any work is done."""
+    for name in ("batch_size", "max_len", "seq_len"):
+        if getattr(c, name) <= 0:
+            raise InputError(f"--{name} must be positive, got {getattr(c, name)}")
+    if c.seq_len < c.max_len:
+        raise InputError(f"--seq_len ({c.seq_len}) must be at least --max_len ({c.max_len}): an example "
+                         "is never split across rows")
+    if c.steps < 0 or c.epochs < 0 or (c.steps == 0 and c.epochs == 0):
+        raise InputError("give a positive --steps or --epochs")
+    if c.micro_batch_size < 0 or c.data_parallel < 0:
+        raise InputError("--micro_batch_size and --data_parallel must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Records
+
+
+def load_records(source):
+    """Alpaca records [{instruction, input, output}] from a file, a directory of files, or a Hub dataset.
+
+    `input` may be missing (= ""); every present field must be a string. Errors name the file and the
+    line (.jsonl, malformed .json) or the record number (0-based index in the file's list).
+    """
+    if os.path.isdir(source):
+        files = _data_files(source)
+    elif os.path.isfile(source):
+        files = [source]
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not source.endswith((".json", ".jsonl", ".parquet")):
+        files = _data_files(_download_dataset(source))
+    else:
+        raise InputError(f"--data {source}: no such file or directory")
+    if not files:
+        raise InputError(f"--data {source}: no .json, .jsonl or .parquet files found")
+    try:
+        records = [r for f in files for r in _read_file(f)]
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"--data {source}: cannot read ({type(e).__name__}: {e})")
+    if not records:
+        raise InputError(f"--data {source}: the data set is empty")
+    return records
+
+
+def _data_files(directory):
+    found = [f for ext in ("json", "jsonl", "parquet")
+             for f in glob.glob(os.path.join(directory, "**", f"*.{ext}"), recursive=True)]
+    return sorted(f for f in found if not os.path.basename(f).startswith("."))
+
+
+def _download_dataset(repo_id):
+    from huggingface_hub import snapshot_download
+    try:
+        return snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.json", "*.jsonl", "*.parquet"])
+    except Exception as e:  # offline, unknown repo, gated: all mean the same to the user
+        raise InputError(f"--data {repo_id}: cannot download this Hub dataset ({type(e).__name__}: {e})")
+
+
+def _read_file(path):
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(f"{path}: reading parquet needs pyarrow (pip install pyarrow), "
+                             "or give a .json / .jsonl file")
+        rows = pq.read_table(path).to_pylist()
+    elif path.endswith(".jsonl"):
+        rows = []
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise InputError(f"{path}: line {n}: malformed JSON ({e.msg} at column {e.colno})")
+        return [_check_record(r, path, f"line {n}") for n, r in rows]
+    else:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                rows = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg})")
+        if not isinstance(rows, list):
+            raise InputError(f"{path}: expected a JSON list of records, got a {type(rows).__name__}")
+    return [_check_record(r, path, f"record {i}") for i, r in enumerate(rows)]
+
+
+def _check_record(r, path, where):
+    if not isinstance(r, dict):
+        raise InputError(f"{path}: {where}: expected an object with instruction/input/output, "
+                         f"got {type(r).__name__}")
+    for key in ("instruction", "output"):
+        if key not in r:
+            raise InputError(f"{path}: {where}: missing field '{key}'")
+    for key in ("instruction", "input", "output"):
+        if key in r and not isinstance(r[key], str):
+            raise InputError(f"{path}: {where}: field '{key}' is {type(r[key]).__name__}, expected a string")
+    return {"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Prompts and tokens
+
+# Stanford Alpaca's PROMPT_DICT (train.py), character for character.
+PROMPT_DICT = {
+    "prompt_input": (
+        "Below is an instruction that describes a task, paired with an input that provides further context. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+    ),
+    "prompt_no_input": (
+        "Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
+        "### Instruction:\n{instruction}\n\n### Response:"
+    ),
+}
+
+
+def format_prompt(record):
+    key = "prompt_input" if record.get("input", "") != "" else "prompt_no_input"
+    return PROMPT_DICT[key].format_map(record)
+
+
+def load_tokenizer(path):
+    """A SentencePiece processor from a tokenizer.model file, a directory holding one, or a Hub model id
+    (only tokenizer.model is downloaded)."""
+    if os.path.isdir(path):
+        file = os.path.join(path, "tokenizer.model")
+        if not os.path.isfile(file):
+            raise InputError(f"tokenizer: no tokenizer.model in {path}")
+    elif os.path.isfile(path):
+        file = path
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        from huggingface_hub import hf_hub_download
+        try:
+            file = hf_hub_download(path, "tokenizer.model")
+        except Exception as e:
+            raise InputError(f"tokenizer: cannot download tokenizer.model of {path} ({type(e).__name__}: {e})")
+    else:
+        raise InputError(f"tokenizer: no such file or directory: {path}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=file)
+    except Exception as e:
+        raise InputError(f"tokenizer: {file} is not a SentencePiece model ({e})")
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise InputError(f"tokenizer: {file} defines no BOS or EOS token")
+    return sp
+
+
+# The loss boundary. Stanford tokenizes prompt + output as one text and masks the first len(prompt ids)
+# tokens. For ~3% of Alpaca the output starts with "-" and joint tokenization merges "Response:" + "-"
+# into one token ":-", so their boundary falls inside a token (stanford_alpaca PR #229) and the model is
+# trained on a prompt it never sees at inference. We keep the boundary exact instead: the prompt is
+# encoded alone, exactly as a user's prompt is at inference, and the output as a continuation of that text,
+# i.e. without SentencePiece's dummy-prefix "▁" on its first word. Wherever no token straddles the
+# boundary (97% of records) this equals Stanford's joint ids token for token (checked on all 52,002).
+# SentencePiece has no per-call switch for the dummy prefix, so we load a copy of the model with
+# normalizer_spec.add_dummy_prefix = false, edited in the serialized protobuf (no protobuf dependency).
+
+
+def _continuation_tokenizer(sp):
+    def varint(b, i):
+        x = shift = 0
+        while True:
+            x, shift, i = x | (b[i] & 0x7F) << shift, shift + 7, i + 1
+            if b[i - 1] < 0x80:
+                return x, i
+
+    def put_varint(x):
+        out = bytearray()
+        while x > 0x7F:
+            out.append(x & 0x7F | 0x80)
+            x >>= 7
+        return bytes(out + bytes([x]))
+
+    # ModelProto's fields are all length-delimited messages; field 3 is normalizer_spec, where field 3 is
+    # add_dummy_prefix (bool). A scalar field given twice takes its last value, so appending 0x18 0x00
+    # (field 3, varint, false) to the normalizer's bytes turns the dummy prefix off.
+    proto, out, i = sp.serialized_model_proto(), bytearray(), 0
+    while i < len(proto):
+        tag, j = varint(proto, i)
+        size, k = varint(proto, j)
+        body = proto[k:k + size] + (b"\x18\x00" if tag == (3 << 3 | 2) else b"")
+        out += put_varint(tag) + put_varint(len(body)) + body
+        i = k + size
+    return spm.SentencePieceProcessor(model_proto=bytes(out))
+
+
+def tokenize_records(records, sp, max_len):
+    """Examples and statistics. examples is a ragged set of int32 token sequences, one per kept record:
+       tokens     int32[sum of lengths]  BOS + prompt + output + EOS of every example, concatenated
+       offsets    int64[N + 1]           example i is tokens[offsets[i]:offsets[i + 1]]
+       loss_start int32[N]               index in the example of the first output token (1 + prompt ids)
+       record     int32[N]               index of the example's record in `records`
+    Truncation keeps the first max_len tokens; an example with no output token or EOS left is dropped.
+    """
+    prompts = [format_prompt(r) for r in records]
+    prompt_ids = sp.encode(prompts, num_threads=os.cpu_count())
+    output_ids = _continuation_tokenizer(sp).encode([r["output"] for r in records], num_threads=os.cpu_count())
+    bos, eos, seqs, loss_start, kept, truncated = [sp.bos_id()], [sp.eos_id()], [], [], [], 0
+    for i, (p, o) in enumerate(zip(prompt_ids, output_ids)):
+        ids = bos + p + o + eos
+        truncated += len(ids) > max_len
+        ids, start = ids[:max_len], 1 + len(p)
+        if start < len(ids):  # else the output is cut entirely: nothing to learn from this record
+            seqs.append(ids), loss_start.append(start), kept.append(i)
+    lengths = np.array([len(s) for s in seqs], np.int64)
+    examples = {
+        "tokens": np.fromiter(itertools.chain.from_iterable(seqs), np.int32, int(lengths.sum())),
+        "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        "loss_start": np.array(loss_start, np.int32),
+        "record": np.array(kept, np.int32),
+    }
+    stats = {"records": len(records), "examples": len(seqs), "dropped": len(records) - len(seqs),
+             "truncated": truncated, "tokens": int(lengths.sum()),
+             "loss_tokens": int((lengths - examples["loss_start"]).sum())}
+    return examples, stats
+
+
+def example_lengths(examples):
+    return np.diff(examples["offsets"])
+
+
+CACHE_VERSION = 1  # bump when tokenize_records changes what it produces
+
+
+def tokenize_cached(records, sp, max_len, cache_dir):
+    """tokenize_records through a cache file named by a hash of everything the result depends on.
+    Returns (examples, stats, cache_hit). The file is written under a temporary name and renamed, so a
+    crash never leaves a half-written cache; an unreadable one is recomputed."""
+    h = hashlib.sha256()
+    for part in (str(CACHE_VERSION), json.dumps(PROMPT_DICT, sort_keys=True), str(max_len),
+                 json.dumps(records, ensure_ascii=False, separators=(",", ":"))):
+        h.update(part.encode("utf-8") + b"\0")
+    h.update(sp.serialized_model_proto())
+    path = os.path.join(cache_dir, f"alpaca-tokens-{h.hexdigest()[:20]}.npz")
+    if os.path.exists(path):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                examples = {k: z[k] for k in ("tokens", "offsets", "loss_start", "record")}
+                return examples, json.loads(str(z["stats"])), True
+        except Exception:
+            pass  # unreadable: recompute and overwrite
+    examples, stats = tokenize_records(records, sp, max_len)
+    os.makedirs(cache_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, stats=np.array(json.dumps(stats)), **examples)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return examples, stats, False
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. The plan
+#
+# Packing scheme: a token budget per step, fixed row count, greedy first-fit with look-ahead.
+# Every step has R rows of T = seq_len tokens (R fixed for the run, a multiple of the data-parallel size
+# and of the micro-batch count, so shapes never change and nothing recompiles). R is chosen from the data
+# so that a full step holds about batch_size examples on average: R ~ batch_size * mean length / T.
+# Each epoch shuffles the examples with its own seed (seed, epoch). A step takes the examples waiting in
+# a window (the oldest first, then the next ones of the shuffled stream, LOOKAHEAD in all) and puts each
+# into the first row where it still fits; those that fit nowhere wait for the next step. The oldest
+# waiting example always fits (a step starts with empty rows and max_len <= T), so no example waits
+# long, none is split across rows, and each is used exactly once per epoch. The last step of an epoch
+# may be partly empty; epochs are never mixed in one step. On the 52,002 real records at T = 2048 this
+# fills >99% of the token slots (see the report), against 25% for padding to 512.
+# The alternative, exactly 128 examples per step with R from the fullest step, wastes the slack of every
+# less full step. The plan is computed in full at start-up (about a second for 3 epochs of Alpaca), so
+# the batch of step k is a pure function of (seed, k, data): a resumed run needs no replay.
+
+LOOKAHEAD = 512
+
+
+def choose_rows_per_step(lengths, *, batch_size, seq_len, data_parallel=1, micro_batch_size=0, pack=True):
+    """R, the fixed number of rows of a step: about batch_size examples per step, rounded to a multiple
+    of micro_batch_size (if given) or of the data-parallel size."""
+    multiple = micro_batch_size or data_parallel
+    if multiple % data_parallel:
+        raise InputError(f"--micro_batch_size ({micro_batch_size}) must be a multiple of the data-parallel "
+                         f"size ({data_parallel})")
+    rows = batch_size if not pack else batch_size * float(np.mean(lengths)) / (seq_len * 0.99)
+    return multiple * max(1, round(rows / multiple))
+
+
+def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack=True, data_parallel=1,
+               lookahead=LOOKAHEAD):
+    """Which examples go into which row of which step, for `steps` steps (or `epochs` epochs if steps=0):
+       order      int32[M]                example ids in row order: step by step, row by row
+       row_start  int64[steps * R + 1]    row r of step k holds order[row_start[k*R+r] : row_start[k*R+r+1]]
+       epoch      int32[steps]            the epoch of each step
+    plus the ints steps, rows_per_step, seq_len, steps_per_epoch."""
+    lengths = np.asarray(lengths)
+    R, T = rows_per_step, seq_len
+    if R % data_parallel:
+        raise InputError(f"rows per step ({R}) must be a multiple of the data-parallel size ({data_parallel})")
+    if len(lengths) == 0:
+        raise InputError("no examples left to train on (all were dropped)")
+    if lengths.max() > T:
+        raise InputError(f"an example of {lengths.max()} tokens does not fit a row of --seq_len {T}")
+    rows, epoch_of_step, epoch = [], [], 0
+    while (steps and len(epoch_of_step) < steps) or (not steps and epoch < epochs):
+        perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
+        epoch_rows = _pack_epoch(perm, lengths, R, T, lookahead) if pack else \
+            [[int(i)] for i in perm] + [[] for _ in range(-len(perm) % R)]
+        rows += epoch_rows
+        epoch_of_step += [epoch] * (len(epoch_rows) // R)
+        epoch += 1
+        steps_per_epoch = len(epoch_rows) // R
+    n = steps or len(epoch_of_step)
+    rows = rows[:n * R]
+    return {"order": np.array([i for row in rows for i in row], np.int32),
+            "row_start": np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int64),
+            "epoch": np.array(epoch_of_step[:n], np.int32),
+            "steps": n, "rows_per_step": R, "seq_len": T, "steps_per_epoch": steps_per_epoch}
+
+
+def _pack_epoch(perm, lengths, R, T, lookahead):
+    """Rows of one epoch, R per step, by greedy first-fit over a look-ahead window (see above)."""
+    out, window, next_ = [], [], 0
+    while window or next_ < len(perm):
+        take = perm[next_:next_ + lookahead - len(window)]
+        window, next_ = window + [int(i) for i in take], next_ + len(take)
+        free, rows, waiting = [T] * R, [[] for _ in range(R)], []
+        most_free = T
+        for i in window:
+            n = int(lengths[i])
+            if n > most_free:
+                waiting.append(i)
+                continue
+            r = next(r for r in range(R) if free[r] >= n)
+            rows[r].append(i)
+            free[r] -= n
+            most_free = max(free)
+        out += rows
+        window = waiting
+    return out
+
+
+def plan_stats(plan, lengths):
+    used = np.asarray(lengths)[plan["order"]].sum()
+    return {"steps": plan["steps"], "steps_per_epoch": plan["steps_per_epoch"],
+            "rows_per_step": plan["rows_per_step"],
+            "examples_per_step": round(len(plan["order"]) / plan["steps"], 2),
+            "packing_efficiency": round(float(used) / (plan["steps"] * plan["rows_per_step"] * plan["seq_len"]), 4)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Batches
+#
+# A batch is five int32/float32 arrays of shape [R, T] (rows, time):
+#   tokens       the input tokens; 0 on padding
+#   targets      the token each position must predict: tokens[r, t + 1] within the same example, else 0
+#   loss_mask    1.0 where targets[r, t] is an output token or the EOS of the example, else 0.0
+#   segment_ids  1, 2, 3, ... for the examples of a row, 0 for padding: attention stays within a segment
+#   positions    0, 1, 2, ... restarting at each example's first token; 0 on padding
+
+
+def make_batch(examples, plan, step, rows=None):
+    """The batch of `step`, or only rows[0]:rows[1] of it (each process builds the rows of its devices)."""
+    if not 0 <= step < plan["steps"]:
+        raise IndexError(f"step {step} is outside the plan's {plan['steps']} steps")
+    R, T = plan["rows_per_step"], plan["seq_len"]
+    lo, hi = rows or (0, R)
+    b = {k: np.zeros((hi - lo, T), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
+    b["loss_mask"] = np.zeros((hi - lo, T), np.float32)
+    tokens, offsets, loss_start = examples["tokens"], examples["offsets"], examples["loss_start"]
+    for r in range(lo, hi):
+        g, t = step * R + r, 0
+        for seg, i in enumerate(plan["order"][plan["row_start"][g]:plan["row_start"][g + 1]], 1):
+            ids = tokens[offsets[i]:offsets[i + 1]]
+            n, x = len(ids), r - lo
+            b["tokens"][x, t:t + n] = ids
+            b["targets"][x, t:t + n - 1] = ids[1:]
+            b["loss_mask"][x, t + loss_start[i] - 1:t + n - 1] = 1.0  # positions that predict output/EOS
+            b["segment_ids"][x, t:t + n] = seg
+            b["positions"][x, t:t + n] = np.arange(n)
+            t += n
+    return b
+
+
+def process_rows(sharding, rows_per_step, seq_len):
+    """The (first, last + 1) rows of a step that this process's devices hold under `sharding`."""
+    idx = sharding.addressable_devices_indices_map((rows_per_step, seq_len)).values()
+    spans = sorted({s[0].indices(rows_per_step)[:2] for s in idx})
+    lo, hi = spans[0][0], max(e for _, e in spans)
+    if sum(e - s for s, e in spans) != hi - lo and len(spans) > 1:
+        raise ValueError(f"this process's rows are not one contiguous block: {spans}")
+    return lo, hi
+
+
+def global_batch(local, sharding, rows_per_step, seq_len):
+    """One global jax.Array per key from each process's rows (make_batch(..., rows=process_rows(...)))."""
+    import jax
+    return {k: jax.make_array_from_process_local_data(sharding, v, (rows_per_step, seq_len))
+            for k, v in local.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6. main
+
+
+def prepare_data(c, data_parallel):
+    """Records -> examples -> plan, as the flags say. Returns (examples, plan, info for the logs)."""
+    records = load_records(c.data)
+    sp = load_tokenizer(c.tokenizer or c.model)
+    t0 = time.perf_counter()
+    examples, stats, hit = tokenize_cached(records, sp, c.max_len, c.cache_dir)
+    seconds = time.perf_counter() - t0
+    lengths = example_lengths(examples)
+    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
+                             micro_batch_size=c.micro_batch_size, pack=not c.no_pack)
+    plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
+                      steps=c.steps, pack=not c.no_pack, data_parallel=data_parallel)
+    info = {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
+            "data_parallel": data_parallel, "micro_batches": R // (c.micro_batch_size or R),
+            "tokenize_seconds": round(seconds, 3), "cache_hit": hit}
+    return examples, plan, info
+
+
+def main(argv=None):
+    c = Config(**vars(make_parser().parse_args(argv)))
+    try:
+        check_config(c)
+        if c.dry_run:
+            dp = c.data_parallel
+            if not dp:
+                import jax
+                dp = jax.device_count()
+            _, _, info = prepare_data(c, dp)
+            print(json.dumps(info))
+            return 0
+        raise InputError("training is not implemented yet (issue 5); --dry_run checks the data")
+    except InputError as e:
+        print(f"alpaca.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
