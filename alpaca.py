@@ -414,13 +414,12 @@ def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack
         rows += epoch_rows
         epoch_of_step += [epoch] * (len(epoch_rows) // R)
         epoch += 1
-        steps_per_epoch = len(epoch_rows) // R
     n = steps or len(epoch_of_step)
     rows = rows[:n * R]
     return {"order": np.array([i for row in rows for i in row], np.int32),
             "row_start": np.concatenate([[0], np.cumsum([len(row) for row in rows])]).astype(np.int64),
             "epoch": np.array(epoch_of_step[:n], np.int32),
-            "steps": n, "rows_per_step": R, "seq_len": T, "steps_per_epoch": steps_per_epoch}
+            "steps": n, "rows_per_step": R, "seq_len": T, "steps_per_epoch": epoch_of_step.count(0)}
 
 
 def _pack_epoch(perm, lengths, R, T, lookahead):

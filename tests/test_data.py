@@ -407,6 +407,7 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(records):
     packed = alpaca.plan_steps(lengths, seed=0, rows_per_step=4, seq_len=512, epochs=1)
     padded = alpaca.plan_steps(lengths, seed=5, rows_per_step=8, seq_len=256, epochs=1, pack=False)
     assert packed["steps"] * 4 < padded["steps"] * 8  # fewer rows: the point of packing
+    assert np.diff(packed["row_start"]).max() >= 2  # rows really hold several examples
 
     grad = jax.jit(jax.value_and_grad(lambda p, b: llama.loss_fn(p, b, config), has_aux=True))
 
