@@ -50,7 +50,8 @@ class Config:
     # What to train on.
     model: str = _f("meta-llama/Llama-2-7b-hf", "Hugging Face model: a local directory or a Hub repo id")
     tokenizer: str = _f("", "tokenizer.model file, a directory holding one, or a Hub repo id; '' = --model")
-    data: str = _f("tatsu-lab/alpaca", "Alpaca records: a .json list, .jsonl, .parquet, a directory, or a Hub dataset id")
+    data: str = _f("tatsu-lab/alpaca", "Alpaca records: a .json list, .jsonl, .parquet, a directory of them, "
+                                       "or a Hub dataset id")
     cache_dir: str = _f(".cache", "where tokenized data is cached (keyed by data, tokenizer, template, max_len)")
     # How much: Stanford trains 3 epochs of 52,002 records at 128 a step, about 1218 steps.
     steps: int = _f(0, "optimizer steps; 0 = as many as --epochs takes")
@@ -347,8 +348,11 @@ def tokenize_cached(records, sp, max_len, cache_dir):
         except Exception:
             pass  # unreadable: recompute and overwrite
     examples, stats = tokenize_records(records, sp, max_len)
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npz")
+    try:  # every host of a pod may write the same file at once: the rename keeps that safe
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".npz")
+    except OSError as e:
+        raise InputError(f"--cache_dir {cache_dir}: cannot write the tokenization cache ({e})")
     try:
         with os.fdopen(fd, "wb") as fh:
             np.savez(fh, stats=np.array(json.dumps(stats)), **examples)
@@ -371,11 +375,14 @@ def tokenize_cached(records, sp, max_len, cache_dir):
 # into the first row where it still fits; those that fit nowhere wait for the next step. The oldest
 # waiting example always fits (a step starts with empty rows and max_len <= T), so no example waits
 # long, none is split across rows, and each is used exactly once per epoch. The last step of an epoch
-# may be partly empty; epochs are never mixed in one step. On the 52,002 real records at T = 2048 this
-# fills >99% of the token slots (see the report), against 25% for padding to 512.
-# The alternative, exactly 128 examples per step with R from the fullest step, wastes the slack of every
-# less full step. The plan is computed in full at start-up (about a second for 3 epochs of Alpaca), so
-# the batch of step k is a pure function of (seed, k, data): a resumed run needs no replay.
+# may be partly empty; epochs are never mixed in one step. The alternative, exactly 128 examples per
+# step with R from the fullest step, wastes the slack of every less full step.
+# Measured on the 52,002 records, LLaMA tokenizer, max_len 512, batch_size 128, 3 epochs (`python alpaca.py
+# --dry_run --data alpaca_data.json --tokenizer tokenizer.model --data_parallel 8 --seq_len T`):
+#   T = 4096: 4 rows, 99.6% real tokens    T = 2048: 8 rows, 99.1%, 128.1 examples a step, 406 steps an epoch
+#   T = 1024: 16 rows, 98.3%               T = 512: 32 rows, 96.4%    (padding every example to 512: 24.7%)
+# A look-ahead of 128 instead of 512 gives 97.1% at 2048. The whole plan takes ~0.4 s at start-up, so the
+# batch of step k is a pure function of (seed, k, data): a resumed run needs no replay.
 
 LOOKAHEAD = 512
 

@@ -425,3 +425,19 @@ def test_packed_and_padded_give_the_same_loss_and_gradients(records):
     assert 0.5 < float(l1 / n1) < 20
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * float(np.abs(b).max()))
+
+
+def test_hub_ids_offline_parquet_without_pyarrow_and_unwritable_cache(tmp_path, capsys):
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"  # conftest: these must fail fast, never reach the network
+    assert alpaca.main(["--dry_run", "--data", "no-such-org/no-such-dataset", "--model", STORIES]) == 2
+    assert "--data no-such-org/no-such-dataset: cannot download" in capsys.readouterr().err
+    assert alpaca.main(["--dry_run", "--data", SAMPLE, "--model", "no-such-org/no-such-model"]) == 2
+    assert "cannot download tokenizer.model of no-such-org/no-such-model" in capsys.readouterr().err
+    blocker = write(tmp_path, "file", "")  # a file where the cache directory should be
+    argv = ["--dry_run", "--data", SAMPLE, "--model", STORIES, "--cache_dir", os.path.join(blocker, "cache")]
+    assert alpaca.main(argv) == 2 and "--cache_dir" in capsys.readouterr().err
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        with pytest.raises(alpaca.InputError, match="parquet needs pyarrow"):
+            alpaca.load_records(write(tmp_path, "d.parquet", ""))
