@@ -1,0 +1,412 @@
+"""Fully sharded data-parallel (FSDP) fine-tuning of llama.py as one explicit shard_map program.
+
+Read top to bottom: the mesh, the partition table, the two collectives that make FSDP (all-gather a
+layer's weights before use; its gradient is a reduce-scatter), AdamW by hand, and the train step that
+puts them together. llama.py never mentions devices: everything about them is in this file.
+
+One step, walked through for Llama-2-7B on a TPU v3-32
+-----------------------------------------------------
+Llama-2-7B: V=32000, D=4096, L=32 layers, H=K=32 heads of E=128, F=11008; 6.74e9 parameters, of which
+202.4e6 per decoder layer. A TPU v3-32 is 16 chips x 2 TensorCores; JAX sees N=32 devices (one per core,
+16 GiB HBM each). Mesh: fsdp=32, model=1. Global batch: R=32 rows of T=512 tokens (about 128 packed
+Alpaca examples), i.e. ONE row [1, 512] per device; num_micro_batches=1.
+
+What each device holds between steps (float32; every weight split along D, so D/N = 128):
+    embed [32000, 128] 16.4 MB       lm_head [128, 32000] 16.4 MB       final_norm [128]
+    layers/wq, wk, wv [32, 128, 4096] 67.1 MB each      wo [32, 4096, 128] 67.1 MB
+    layers/w_gate, w_up [32, 128, 11008] 180 MB each    w_down [32, 11008, 128] 180 MB
+    layers/attn_norm, mlp_norm [32, 128]
+  = 842 MB of parameters (1/32 of 27 GB), + 1.68 GB of AdamW mu and nu, + 842 MB of float32 gradient
+  accumulator: 3.4 GB of 16 GiB. Unsharded, the same state would be 108 GB per device.
+
+Forward, inside the jitted shard_map, on every device at once:
+  1. embed and lm_head: cast to bf16, ALL-GATHER -> [32000, 4096] each. Each device receives 31/32 of
+     262 MB per tensor: 508 MB. They stay whole for the step (524 MB).
+  2. lax.scan over the 32 layers. Per layer: cast the layer's shards to bf16 (12.6 MB), ALL-GATHER them
+     to the whole layer (404.8 MB; receives 392 MB), run the layer on x [1, 512, 4096], drop the weights.
+     Only one layer (maybe two, if XLA prefetches the next) is ever whole on a device. 32 x 392 MB = 12.5 GB.
+  3. logits [1, 512, 32000] float32 (65.5 MB), summed cross-entropy over this device's loss tokens.
+Backward (every layer is under jax.checkpoint, so only the layer inputs [1, 512, 4096] were kept):
+  4. per layer, in reverse: ALL-GATHER the layer again (392 MB received), recompute it, differentiate.
+     The gradient of the whole layer [.., 4096, ..] is then REDUCE-SCATTERED (the transpose of the
+     all-gather): each device sends 31/32 of the layer's float32 gradient (784 MB) and keeps only its own
+     D/N slice, already summed over the 32 devices' rows. 32 x (392 + 784) MB = 37.6 GB.
+  5. embed and lm_head gradients: REDUCE-SCATTER, 2 x 508 MB = 1.0 GB.
+After the backward: ALL-REDUCE (psum) of 3 scalars (loss sum, token count, squared gradient norm): bytes.
+Then AdamW on the local shards only: no communication at all, 1/32 of the optimizer work per device.
+
+Per device and step that is ~52 GB moved (~39 GB with reduce_dtype=bf16), against ~8 x 6.74e9 x 512 =
+2.8e13 FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16
+TFLOP/s (123 per chip), so 0.45 s at 100% MFU; Google quotes 340 TB/s all-reduce bandwidth for a 1024-chip
+v3 pod, ~330 GB/s per chip, so the chip's 2 x 52 GB take ~0.3 s. XLA overlaps a layer's gather with the
+previous layer's matmuls, so this step is compute-bound, but not by much: halve the tokens per device
+(64 devices, or a smaller batch) and it becomes communication-bound. Gradient accumulation does not help:
+FSDP gathers and reduce-scatters the weights again for every micro-batch, so M micro-batches cost M times
+the bytes above. On a pod, let the device count make the batch; use micro-batches when memory is short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+import llama
+
+FSDP, MODEL = "fsdp", "model"
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # each [R, T]
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. The mesh
+# ---------------------------------------------------------------------------------------------------------
+
+
+def make_mesh(fsdp: int | None = None, model: int = 1, *, devices=None) -> Mesh:
+    """A (fsdp, model) mesh over `devices`, by default every device of every process. With several hosts,
+    call jax.distributed.initialize() first (automatic on TPU VMs; alpaca.py does it): jax.devices() then
+    lists the devices of all hosts. The "model" axis (size 1) is kept for tensor parallelism; nothing in this
+    file shards over it, so with model > 1 every model-group would simply repeat the same work."""
+    devices = jax.devices() if devices is None else list(devices)
+    if fsdp is None:
+        fsdp = len(devices) // model
+    if fsdp * model != len(devices):
+        raise ValueError(f"mesh fsdp={fsdp} x model={model} does not match the {len(devices)} devices")
+    # jax.make_mesh orders the devices so that mesh neighbours are torus (or NVLink) neighbours. Auto axes:
+    # make_mesh's default (Explicit) would make jit type-check shardings, which shard_map code does not want.
+    return jax.make_mesh((fsdp, model), (FSDP, MODEL), axis_types=(AxisType.Auto,) * 2, devices=devices)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Partition rules
+# ---------------------------------------------------------------------------------------------------------
+# Every parameter is split over "fsdp" along its hidden_size dimension D, and along nothing else:
+# - D is the one dimension that all twelve tensors have, so there is one divisibility rule to know:
+#   hidden_size % fsdp == 0. Llama widths (4096, 5120, 8192; 288 and 64 for the tiny stories models) are
+#   multiples of every common device count, whereas V (32000 = 2^8 x 125) and F (11008 = 2^8 x 43; 172 for
+#   stories260K) are not. A non-divisible D is an error naming the parameter (no padding: it would change
+#   the norms' means and every reader's mental shape).
+# - Never the layer axis L: the scan hands each layer to every device in turn; splitting L would give
+#   whole layers to devices, which is pipeline parallelism, not FSDP.
+# - The norms are sharded too (not replicated). They are tiny, but then EVERY gradient comes out of a
+#   reduce-scatter with nothing left to all-reduce, AdamW is shard-local for every tensor, and the global
+#   gradient norm is a plain sum of squared shards (a replicated tensor would be counted N times).
+# - Gathered shape: the whole weight, gathered one layer at a time (the scan drops L first). Reduce-scatter
+#   layout: where D leads (wq, wk, wv, w_gate, w_up, lm_head) each shard is a contiguous block of rows;
+#   where D trails (embed, wo, w_down) a shard is a strided block of columns, which XLA may copy into a
+#   contiguous buffer around the collective. The bytes moved are the same.
+PARTITION_RULES = {
+    #                    spec                     global shape  -> shard on one device
+    "embed":             P(None, FSDP),         # [V, D]        -> [V, D/N]
+    "layers/attn_norm":  P(None, FSDP),         # [L, D]        -> [L, D/N]
+    "layers/wq":         P(None, FSDP, None),   # [L, D, H*E]   -> [L, D/N, H*E]
+    "layers/wk":         P(None, FSDP, None),   # [L, D, K*E]   -> [L, D/N, K*E]
+    "layers/wv":         P(None, FSDP, None),   # [L, D, K*E]   -> [L, D/N, K*E]
+    "layers/wo":         P(None, None, FSDP),   # [L, H*E, D]   -> [L, H*E, D/N]
+    "layers/mlp_norm":   P(None, FSDP),         # [L, D]        -> [L, D/N]
+    "layers/w_gate":     P(None, FSDP, None),   # [L, D, F]     -> [L, D/N, F]
+    "layers/w_up":       P(None, FSDP, None),   # [L, D, F]     -> [L, D/N, F]
+    "layers/w_down":     P(None, None, FSDP),   # [L, F, D]     -> [L, F, D/N]
+    "final_norm":        P(FSDP),               # [D]           -> [D/N]
+    "lm_head":           P(FSDP, None),         # [D, V]        -> [D/N, V]
+}
+
+
+def _name(path) -> str:
+    return "/".join(str(k.key) for k in path)
+
+
+def fsdp_dim(name: str) -> int:
+    """The dimension of parameter `name` that is split over "fsdp"."""
+    return list(PARTITION_RULES[name]).index(FSDP)
+
+
+def partition_specs(params_or_shapes, mesh: Mesh):
+    """The PartitionSpec of every parameter; checks names, ranks and divisibility."""
+    n = mesh.shape[FSDP]
+
+    def spec(path, x):
+        name = _name(path)
+        if name not in PARTITION_RULES:
+            raise KeyError(f"no partition rule for parameter {name!r}; PARTITION_RULES has {list(PARTITION_RULES)}")
+        s, shape = PARTITION_RULES[name], tuple(x.shape)
+        if len(s) != len(shape):
+            raise ValueError(f"parameter {name!r} has shape {shape}, but its rule {s} is for rank {len(s)}")
+        d = fsdp_dim(name)
+        if shape[d] % n:
+            raise ValueError(f"cannot shard parameter {name!r} of shape {shape} over {n} 'fsdp' devices: its "
+                             f"dimension {d} (hidden_size) is {shape[d]}, not a multiple of {n}. Use a device "
+                             f"count that divides hidden_size={shape[d]}.")
+        return s
+
+    return jax.tree_util.tree_map_with_path(spec, params_or_shapes)
+
+
+def param_specs(params_or_shapes, mesh: Mesh):
+    """The NamedSharding of every parameter (arrays or jax.ShapeDtypeStructs in, same tree out). This is
+    what llama.load_hf(shardings=...) and jax.jit(out_shardings=...) take."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), partition_specs(params_or_shapes, mesh))
+
+
+def shard_params(params, mesh: Mesh):
+    """Place a (host or single-device) parameter tree on the mesh, split by PARTITION_RULES. Each process
+    builds only the shards of its own devices, so this also works on every host of a pod."""
+    def place(x, sharding):
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(place, params, param_specs(params, mesh))
+
+
+def init_sharded_params(config: llama.LlamaConfig, key, mesh: Mesh, **kwargs):
+    """llama.init_params compiled straight into the sharding: no device ever holds the whole model."""
+    shapes = jax.eval_shape(lambda k: llama.init_params(config, k, **kwargs), key)
+    return jax.jit(lambda k: llama.init_params(config, k, **kwargs), out_shardings=param_specs(shapes, mesh))(key)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches [R, T] are split by rows over "fsdp": device i gets rows i*R/N .. (i+1)*R/N - 1.
+    A multi-host loop builds them with jax.make_array_from_process_local_data(batch_sharding(mesh), rows)."""
+    return NamedSharding(mesh, P(FSDP))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """A global batch (the same numpy arrays on every process) placed on the mesh, rows split over fsdp."""
+    s = batch_sharding(mesh)
+    return {k: jax.make_array_from_callback(v.shape, s, lambda index, v=v: v[index]) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. The FSDP collectives: gather a weight before use; its gradient is a reduce-scatter
+# ---------------------------------------------------------------------------------------------------------
+# These run inside shard_map, where arrays are per-device shards and collectives are explicit. Autodiff
+# would transpose all_gather into psum_scatter by itself; the rule is written out here so that a reader can
+# see it, and so that the two directions can use different dtypes: weights travel in bf16 (half the bytes),
+# gradients are summed across devices in float32 (reduce_dtype) so that 32 bf16 partial sums do not lose
+# digits (torchtitan's default; pass reduce_dtype=jnp.bfloat16 to halve the backward's bytes instead).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def gather_weight(shard, axis: int, compute_dtype, reduce_dtype):
+    """[.., D/N, ..] on each device -> the whole [.., D, ..] on every device, in compute_dtype.
+    ALL-GATHER over "fsdp": each device sends its shard to the others and receives N-1 shards.
+    Cast first, then gather: with bf16 the bytes on the wire are halved."""
+    return jax.lax.all_gather(shard.astype(compute_dtype), FSDP, axis=axis, tiled=True)
+
+
+def _gather_weight_fwd(shard, axis, compute_dtype, reduce_dtype):
+    dtype_only = jnp.zeros((0,), shard.dtype)  # the backward needs the shard's dtype, not its values
+    return gather_weight(shard, axis, compute_dtype, reduce_dtype), dtype_only
+
+
+def _gather_weight_bwd(axis, compute_dtype, reduce_dtype, dtype_only, grad_whole):
+    # THE GRADIENT OF AN ALL-GATHER IS A REDUCE-SCATTER. Every device used the whole weight on its own rows,
+    # so each holds a gradient for the whole weight, [.., D, ..]. REDUCE-SCATTER over "fsdp": the N
+    # gradients are summed and device i keeps only slice i, [.., D/N, ..], the slice of its own shard.
+    # Each device sends (N-1)/N of a whole weight's gradient in reduce_dtype; nobody ever holds the sum of
+    # the whole thing. The result is the gradient of the loss summed over the rows of ALL devices.
+    grad_shard = jax.lax.psum_scatter(grad_whole.astype(reduce_dtype), FSDP, scatter_dimension=axis, tiled=True)
+    return (grad_shard.astype(dtype_only.dtype),)
+
+
+gather_weight.defvjp(_gather_weight_fwd, _gather_weight_bwd)
+
+
+def gather_params(params, compute_dtype, reduce_dtype, *, prefix: str = "", drop_leading_axis: bool = False):
+    """gather_weight for each tensor of a (sub)tree. Matrices travel in compute_dtype; vectors (the norms) in
+    their own dtype, as llama.py computes RMSNorm in float32 (they are tiny). drop_leading_axis: the tree is
+    one layer of the stacked "layers" dict, whose L axis the scan has already removed."""
+    def gather(path, w):
+        axis = fsdp_dim(prefix + _name(path)) - (1 if drop_leading_axis else 0)
+        dtype = (compute_dtype or w.dtype) if w.ndim > 1 else w.dtype
+        return gather_weight(w, axis, dtype, reduce_dtype)
+
+    return jax.tree_util.tree_map_with_path(gather, params)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. AdamW, by hand, on shards
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWConfig:
+    """Defaults: Stanford Alpaca's recipe (lr 2e-5, no weight decay, clip 1.0, 3 epochs = 1218 steps,
+    warmup_ratio 0.03 -> HF's ceil(0.03 * 1218) = 37 warmup steps)."""
+    lr: float = 2e-5
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global gradient norm; 0 or None: no clipping
+    warmup_steps: int = 37
+    total_steps: int = 1218
+
+
+def lr_at(cfg: AdamWConfig, step):
+    """Learning rate of update number `step` (0-based), as transformers' get_cosine_schedule_with_warmup:
+    linear from 0 over warmup_steps, then cosine down to 0 at total_steps. Like the HF Trainer, the first
+    update (step 0) has lr 0 when warmup_steps > 0. Past total_steps it stays 0 (HF's would rise again)."""
+    step = jnp.asarray(step, jnp.float32)
+    warmup = step / max(1, cfg.warmup_steps)
+    progress = jnp.clip((step - cfg.warmup_steps) / max(1, cfg.total_steps - cfg.warmup_steps), 0.0, 1.0)
+    cosine = 0.5 * (1.0 + jnp.cos(math.pi * progress))
+    return cfg.lr * jnp.where(step < cfg.warmup_steps, warmup, cosine)
+
+
+def decays(name: str) -> bool:
+    """Weight decay applies to the matrices (embed included), not to the norm weights: HF Trainer's rule
+    (it exempts biases and LayerNorm/RMSNorm weights; Llama has no biases)."""
+    return not name.endswith("norm")
+
+
+def init_opt_state(params) -> dict:
+    """AdamW state sharded exactly like the parameters: mu and nu in float32, and the number of updates
+    done so far (a replicated int32 scalar)."""
+    def zeros(p):
+        return jnp.zeros(p.shape, jnp.float32, device=p.sharding)
+
+    first = jax.tree.leaves(params)[0].sharding
+    replicated = NamedSharding(first.mesh, P()) if isinstance(first, NamedSharding) else first
+    return {"mu": jax.tree.map(zeros, params), "nu": jax.tree.map(zeros, params),
+            "step": jnp.zeros((), jnp.int32, device=replicated)}
+
+
+def adamw_update(params, grads, opt_state, cfg: AdamWConfig, grad_norm):
+    """One AdamW update, elementwise: it runs on whatever each device holds (here: its shards) and needs no
+    communication, because the only global quantity, the gradient norm, is passed in.
+    Returns (params, opt_state, lr). Math as torch.optim.AdamW and optax.adamw:
+        g <- g * min(1, clip / |g|)           global-norm clipping
+        mu <- b1 mu + (1 - b1) g;  nu <- b2 nu + (1 - b2) g^2
+        p <- p - lr * (mu / (1 - b1^t) / (sqrt(nu / (1 - b2^t)) + eps) + wd * p)   decoupled weight decay
+    """
+    step = opt_state["step"]
+    lr = lr_at(cfg, step)
+    t = (step + 1).astype(jnp.float32)
+    scale = jnp.where(grad_norm > cfg.grad_clip, cfg.grad_clip / grad_norm, 1.0) if cfg.grad_clip else 1.0
+
+    def update(path, p, g, mu, nu):
+        g = g.astype(jnp.float32) * scale
+        mu = cfg.b1 * mu + (1 - cfg.b1) * g
+        nu = cfg.b2 * nu + (1 - cfg.b2) * g * g
+        u = (mu / (1 - cfg.b1 ** t)) / (jnp.sqrt(nu / (1 - cfg.b2 ** t)) + cfg.eps)
+        p32 = p.astype(jnp.float32)
+        if decays(_name(path)) and cfg.weight_decay:
+            u = u + cfg.weight_decay * p32
+        return (p32 - lr * u).astype(p.dtype), mu, nu
+
+    out = jax.tree_util.tree_map_with_path(update, params, grads, opt_state["mu"], opt_state["nu"])
+    pick = lambda i: jax.tree.map(lambda _, o: o[i], params, out)  # noqa: E731  (unzip the tree of triples)
+    return pick(0), {"mu": pick(1), "nu": pick(2), "step": step + 1}, lr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. The train step
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _param_shapes(config: llama.LlamaConfig):
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), llama.param_shapes(config),
+                        is_leaf=lambda s: isinstance(s, tuple))
+
+
+def _local_loss(config, compute_dtype, reduce_dtype, remat):
+    """(loss sum, loss tokens) of this device's rows, from this device's parameter shards."""
+    def layer_hook(layer):  # inside llama.py's scan: one layer's shards -> the whole layer, in compute_dtype
+        return gather_params(layer, compute_dtype, reduce_dtype, prefix="layers/", drop_leading_axis=True)
+
+    def loss(params, batch):
+        # The top-level tensors (embed, final_norm, lm_head) are gathered once, here; the layers stay
+        # shards, gathered one at a time by the hook (and again in the backward pass when remat is on).
+        top = gather_params({k: v for k, v in params.items() if k != "layers"}, compute_dtype, reduce_dtype)
+        whole = {**top, "layers": params["layers"]}
+        return llama.loss_fn(whole, batch, config, compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat)
+
+    return loss
+
+
+def _check_rows(batch, multiple, what):
+    rows = batch["tokens"].shape[0]
+    if rows % multiple:
+        raise ValueError(f"a batch of {rows} rows cannot be split over {what}: rows must be a multiple of {multiple}")
+
+
+def make_train_step(config: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, compute_dtype=jnp.bfloat16,
+                    reduce_dtype=jnp.float32, num_micro_batches: int = 1, remat: bool = True):
+    """step(params, opt_state, batch) -> (params, opt_state, metrics), jitted, params and opt_state donated.
+
+    params/opt_state: sharded as param_specs / init_opt_state. batch: the BATCH_KEYS dict of global [R, T]
+    arrays with rows split over "fsdp" (batch_sharding), R a multiple of fsdp x num_micro_batches.
+    metrics (replicated float32 scalars): loss (mean over every loss token of the global batch), n_tokens,
+    grad_norm (global, before clipping), lr (of this update)."""
+    n = mesh.shape[FSDP]
+    M = num_micro_batches
+    specs = partition_specs(_param_shapes(config), mesh)  # also checks divisibility, now rather than later
+    opt_specs = {"mu": specs, "nu": specs, "step": P()}
+    batch_specs = {k: P(FSDP) for k in BATCH_KEYS}
+    grad_of_loss = jax.value_and_grad(_local_loss(config, compute_dtype, reduce_dtype, remat), has_aux=True)
+
+    def local_step(params, opt_state, batch):
+        # Shapes here are one device's: parameter shards [.., D/N, ..], rows [R/N, T].
+        micro = jax.tree.map(lambda x: x.reshape(M, -1, *x.shape[1:]), batch)  # [M, R/(N M), T]
+
+        def accumulate(carry, mb):
+            grads, loss_sum, n_tokens = carry
+            # Differentiate this device's loss SUM. The reduce-scatters inside (see gather_weight) add the
+            # gradients of all devices' rows: every device gets its shard of d(sum over all rows)/d(params).
+            (l, n_tok), g = grad_of_loss(params, mb)
+            grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+            return (grads, loss_sum + l, n_tokens + n_tok), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        # Scan carries must have the type of the body's outputs, which differ per device ("varying" over fsdp).
+        carry = jax.lax.pcast((zeros, jnp.float32(0), jnp.float32(0)), FSDP, to="varying")
+        (grads, loss_sum, n_tokens), _ = jax.lax.scan(accumulate, carry, micro)
+
+        # ALL-REDUCE (psum) of two scalars over "fsdp": the loss sum and the loss-token count of the whole
+        # global batch, so that the loss is the mean over all its tokens, not a mean of per-device means.
+        loss_sum, n_tokens = jax.lax.psum((loss_sum, n_tokens), FSDP)
+        grads = jax.tree.map(lambda g: g / jnp.maximum(n_tokens, 1.0), grads)  # d(mean loss)/d(shard)
+
+        # ALL-REDUCE (psum) of one scalar: the squared global gradient norm is the sum of the squared norms
+        # of the shards, as every parameter element lives in exactly one shard.
+        sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))
+        grad_norm = jnp.sqrt(jax.lax.psum(sq, FSDP))
+
+        params, opt_state, lr = adamw_update(params, grads, opt_state, opt_cfg, grad_norm)  # shard-local
+        metrics = {"loss": loss_sum / jnp.maximum(n_tokens, 1.0), "n_tokens": n_tokens,
+                   "grad_norm": grad_norm, "lr": lr}
+        return params, opt_state, metrics
+
+    sharded_step = jax.shard_map(local_step, mesh=mesh, in_specs=(specs, opt_specs, batch_specs),
+                                 out_specs=(specs, opt_specs, P()), check_vma=True)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, batch):
+        _check_rows(batch, n * M, f"{n} fsdp devices x {M} micro-batches")
+        return sharded_step(params, opt_state, {k: batch[k] for k in BATCH_KEYS})
+
+    return train_step
+
+
+def make_eval_step(config: llama.LlamaConfig, mesh: Mesh, *, compute_dtype=jnp.bfloat16):
+    """eval_step(params, batch) -> {"loss", "n_tokens"}: the forward pass alone, same gathers, no update."""
+    n = mesh.shape[FSDP]
+    specs = partition_specs(_param_shapes(config), mesh)
+    loss = _local_loss(config, compute_dtype, jnp.float32, remat=False)
+
+    def local_eval(params, batch):
+        loss_sum, n_tokens = jax.lax.psum(loss(params, batch), FSDP)  # ALL-REDUCE of two scalars, as above
+        return {"loss": loss_sum / jnp.maximum(n_tokens, 1.0), "n_tokens": n_tokens}
+
+    sharded = jax.shard_map(local_eval, mesh=mesh, in_specs=(specs, {k: P(FSDP) for k in BATCH_KEYS}),
+                            out_specs=P(), check_vma=True)
+
+    @jax.jit
+    def eval_step(params, batch):
+        _check_rows(batch, n, f"{n} fsdp devices")
+        return sharded(params, {k: batch[k] for k in BATCH_KEYS})
+
+    return eval_step

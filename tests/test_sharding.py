@@ -1,0 +1,237 @@
+"""sharding.py on 8 virtual CPU devices: the FSDP train step against 1 device, against plain jax.grad + optax,
+gradient accumulation, memory per device, the collectives in the compiled HLO, and the error messages."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import llama
+import sharding
+
+# Tiny, but every sharded dimension (hidden_size) divides by 8, and K < H exercises grouped-query attention.
+CONFIG = llama.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+# Optimizer settings that make every part of AdamW matter within 3 steps: warmup (step 0 has lr 0, as in HF),
+# cosine decay, weight decay, and a clip threshold below the gradient norm (~1.1), so clipping is active.
+# eps=1e-6 rather than 1e-8: with a tiny eps, Adam's first update is lr * sign(g), and gradients that are
+# zero up to float noise (sums in another order on 8 devices) would flip sign and move a weight by 2 lr.
+OPT = sharding.AdamWConfig(lr=1e-2, b1=0.9, b2=0.95, eps=1e-6, weight_decay=0.1, grad_clip=0.5,
+                           warmup_steps=1, total_steps=5)
+STEPS = 3
+# Float32 compute. Sharded and unsharded programs sum the same numbers in different orders (over devices,
+# over micro-batches): losses and gradient norms agree to ~1e-7 relative. Weights agree to ~1e-6, except where
+# Adam divides a near-zero gradient by its own root mean square: the smallest gradient element here (2e-7,
+# against a mean of 4e-3) carries rounding noise of a few percent into its update, observed 1.1e-5 against
+# the reference after 3 steps. PARAM_ATOL = 5e-5 is 0.5% of one lr-sized step.
+RTOL, PARAM_ATOL = 1e-5, 5e-5
+
+
+def make_batch(rows, T=16, seed=0):
+    """Packed rows like the data pipeline's: 2 examples per row then padding (segment 0), positions restarting
+    per example, loss on part of each example."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, CONFIG.vocab_size, (rows, T)).astype(np.int32)
+    segment_ids = np.zeros((rows, T), np.int32)
+    positions = np.zeros((rows, T), np.int32)
+    for r in range(rows):
+        a, b = rng.integers(3, T // 2), rng.integers(3, T // 2)
+        segment_ids[r, :a], segment_ids[r, a:a + b] = 1, 2
+        positions[r, :a], positions[r, a:a + b] = np.arange(a), np.arange(b)
+    loss_mask = ((segment_ids > 0) & (rng.random((rows, T)) < 0.7)).astype(np.float32)
+    targets = np.roll(tokens, -1, axis=1)
+    return dict(tokens=tokens, targets=targets, loss_mask=loss_mask, segment_ids=segment_ids, positions=positions)
+
+
+def host_params(config=CONFIG, seed=0):
+    # numpy on the host, so that donating the sharded copies never deletes the reference
+    return jax.tree.map(np.asarray, llama.init_params(config, jax.random.key(seed), std=0.1))
+
+
+def run_sharded(n_devices, batch, *, config=CONFIG, num_micro_batches=1, steps=STEPS):
+    mesh = sharding.make_mesh(devices=jax.devices()[:n_devices])
+    params = sharding.shard_params(host_params(config), mesh)
+    opt_state = sharding.init_opt_state(params)
+    step = sharding.make_train_step(config, mesh, OPT, compute_dtype=jnp.float32,
+                                    num_micro_batches=num_micro_batches)
+    sharded_batch = sharding.shard_batch(batch, mesh)
+    metrics = []
+    for _ in range(steps):
+        params, opt_state, m = step(params, opt_state, sharded_batch)
+        metrics.append({k: float(v) for k, v in m.items()})
+    return dict(mesh=mesh, params=params, opt_state=opt_state, metrics=metrics, step=step, batch=sharded_batch)
+
+
+def run_reference(batch, *, config=CONFIG, steps=STEPS):
+    """Independent: jax.grad of the unsharded mean loss, optax's clipping, AdamW and warmup-cosine schedule."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, OPT.lr, OPT.warmup_steps, OPT.total_steps, 0.0)
+    decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path),
+                                                  host_params(config))
+    tx = optax.chain(optax.clip_by_global_norm(OPT.grad_clip),
+                     optax.adamw(schedule, b1=OPT.b1, b2=OPT.b2, eps=OPT.eps, weight_decay=OPT.weight_decay,
+                                 mask=decay_mask))
+
+    def mean_loss(p):
+        loss_sum, n = llama.loss_fn(p, batch, config, compute_dtype=jnp.float32)
+        return loss_sum / n
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(mean_loss)(p)
+        updates, s = tx.update(g, s, p)
+        return optax.apply_updates(p, updates), s, loss, optax.tree.norm(g)
+
+    params = jax.tree.map(jnp.asarray, host_params(config))
+    state = tx.init(params)
+    losses, norms = [], []
+    for _ in range(steps):
+        params, state, loss, norm = step(params, state)
+        losses.append(float(loss))
+        norms.append(float(norm))
+    return params, losses, norms
+
+
+@pytest.fixture(scope="module")
+def eight():
+    return run_sharded(8, make_batch(16))
+
+
+@pytest.fixture(scope="module")
+def one():
+    return run_sharded(1, make_batch(16))
+
+
+def assert_trees_close(a, b, rtol=RTOL, atol=PARAM_ATOL):
+    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_eight_devices_match_one_device(eight, one):
+    for m8, m1 in zip(eight["metrics"], one["metrics"]):
+        for k in m8:
+            np.testing.assert_allclose(m8[k], m1[k], rtol=RTOL, err_msg=k)
+    assert_trees_close(eight["params"], one["params"])
+    assert_trees_close(eight["opt_state"]["mu"], one["opt_state"]["mu"])
+    # and the weights really moved: the comparison is not between two copies of the initial weights
+    moved = np.abs(np.asarray(eight["params"]["layers"]["wq"]) - host_params()["layers"]["wq"]).max()
+    assert moved > OPT.lr
+
+
+def test_train_step_matches_plain_grad_and_optax(eight):
+    params, losses, norms = run_reference(make_batch(16))
+    np.testing.assert_allclose([m["loss"] for m in eight["metrics"]], losses, rtol=RTOL)
+    np.testing.assert_allclose([m["grad_norm"] for m in eight["metrics"]], norms, rtol=RTOL)
+    assert norms[0] > OPT.grad_clip  # clipping was active
+    assert eight["metrics"][0]["lr"] == 0.0 and eight["metrics"][1]["lr"] == pytest.approx(OPT.lr)
+    assert_trees_close(eight["params"], params)
+    assert int(eight["opt_state"]["step"]) == STEPS
+
+
+def test_loss_is_mean_over_all_tokens_of_global_batch(eight):
+    batch = make_batch(16)
+    assert eight["metrics"][0]["n_tokens"] == batch["loss_mask"].sum()
+    loss_sum, n = llama.loss_fn(jax.tree.map(jnp.asarray, host_params()), batch, CONFIG)
+    assert eight["metrics"][0]["loss"] == pytest.approx(float(loss_sum / n), rel=RTOL)
+
+
+def test_gradient_accumulation_equals_one_batch():
+    # Tied embeddings here, so that path (embed used twice, gathered once) is covered too.
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=True)
+    batch = make_batch(32, seed=1)  # 8 devices x 4 micro-batches x 1 row
+    whole = run_sharded(8, batch, config=config, num_micro_batches=1, steps=2)
+    accumulated = run_sharded(8, batch, config=config, num_micro_batches=4, steps=2)
+    assert "lm_head" not in whole["params"]
+    for a, b in zip(whole["metrics"], accumulated["metrics"]):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=RTOL, err_msg=k)
+    assert_trees_close(whole["params"], accumulated["params"])
+
+
+def test_lr_schedule_matches_hugging_face():
+    torch = pytest.importorskip("torch")
+    from transformers.optimization import get_cosine_schedule_with_warmup
+
+    cfg = sharding.AdamWConfig(lr=2e-5, warmup_steps=3, total_steps=10)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    schedule = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.total_steps)
+    for step in range(cfg.total_steps + 1):
+        assert float(sharding.lr_at(cfg, step)) == pytest.approx(schedule.get_last_lr()[0], rel=1e-5, abs=1e-12)
+        opt.step()
+        schedule.step()
+
+
+def test_memory_per_device_is_one_nth(eight):
+    """Read from the arrays' shardings: what device d really holds, for params and AdamW state after 3 steps."""
+    n = 8
+    for name, tree in [("params", eight["params"]), ("mu", eight["opt_state"]["mu"]),
+                       ("nu", eight["opt_state"]["nu"])]:
+        total = sum(x.nbytes for x in jax.tree.leaves(tree))
+        for device in jax.devices():
+            held = sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+                       if s.device == device)
+            assert held * n == total, (name, device, held, total)
+    for x in jax.tree.leaves(eight["opt_state"]["mu"]):
+        assert x.dtype == jnp.float32
+    for x in jax.tree.leaves(eight["params"]):
+        assert x.dtype == jnp.float32  # master weights stay float32
+    # the sharded dimension is hidden_size, as the partition table says
+    wo = eight["params"]["layers"]["wo"]
+    assert wo.addressable_shards[0].data.shape == (2, 32, 32 // n)
+
+
+def test_compiled_step_has_fsdp_collectives(eight):
+    """bf16 compute. Our program (lowered StableHLO) gathers matrices in bf16 and norms in float32, and
+    reduce-scatters gradients in float32. The compiled HLO has all-gathers and reduce-scatters, and its only
+    all-reduces are of scalars: no gradient is all-reduced (that would be plain data parallelism).
+    (XLA:CPU rewrites bf16 collectives into f32 ones when it compiles, so dtypes are read before that.)"""
+    mesh = eight["mesh"]
+    step = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.bfloat16)
+    params = sharding.shard_params(host_params(), mesh)
+    lowered = step.lower(params, sharding.init_opt_state(params), eight["batch"])
+
+    text = lowered.as_text()
+    gathered = re.findall(r'stablehlo\.all_gather"[^\n]*-> tensor<([0-9x]+)x(\w+)>', text)
+    scattered = re.findall(r'stablehlo\.reduce_scatter".*?\}\) : \(tensor<[^>]*>\) -> tensor<[0-9x]+x(\w+)>',
+                           text, flags=re.S)
+    assert {dtype for shape, dtype in gathered if "x" in shape} == {"bf16"}, gathered  # matrices
+    assert {dtype for shape, dtype in gathered if "x" not in shape} == {"f32"}, gathered  # norms
+    assert scattered and set(scattered) == {"f32"}, scattered
+
+    compiled = lowered.compile().as_text()
+    ops = [line.split(" = ", 1)[1] for line in compiled.splitlines() if " = " in line]
+    collective = lambda name: [op for op in ops if re.search(rf"\s{name}(-start)?\(", op)]  # noqa: E731
+    assert collective("all-gather") and collective("reduce-scatter"), "no FSDP collectives in the compiled step"
+    reduces = collective("all-reduce")
+    assert reduces and all(re.match(r"\(?f32\[\](, f32\[\])*\)? ", op) for op in reduces), reduces
+
+
+def test_eval_step_matches_train_metrics(eight):
+    mesh = eight["mesh"]
+    params = sharding.shard_params(host_params(), mesh)
+    out = sharding.make_eval_step(CONFIG, mesh, compute_dtype=jnp.float32)(params, eight["batch"])
+    assert float(out["loss"]) == pytest.approx(eight["metrics"][0]["loss"], rel=RTOL)
+    assert float(out["n_tokens"]) == eight["metrics"][0]["n_tokens"]
+
+
+def test_clear_errors_for_shapes_that_do_not_divide(eight):
+    mesh = eight["mesh"]
+    odd = dataclasses.replace(CONFIG, hidden_size=36)  # 36 is not a multiple of 8
+    shapes = jax.eval_shape(lambda: llama.init_params(odd, jax.random.key(0)))
+    with pytest.raises(ValueError, match=r"parameter 'embed' of shape \(64, 36\) over 8 'fsdp' devices.*36"):
+        sharding.param_specs(shapes, mesh)
+    with pytest.raises(ValueError, match="hidden_size"):
+        sharding.make_train_step(odd, mesh, OPT)
+    with pytest.raises(KeyError, match="'layers/w_extra'"):
+        sharding.param_specs({"layers": {"w_extra": jax.ShapeDtypeStruct((2, 8), jnp.float32)}}, mesh)
+    # 12 rows do not split over 8 devices x 1 micro-batch; 16 rows do not split over 8 x 4
+    step = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.float32, num_micro_batches=4)
+    params = sharding.shard_params(host_params(), mesh)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        step(params, sharding.init_opt_state(params), eight["batch"])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        sharding.make_eval_step(CONFIG, mesh)(params, {k: v[:12] for k, v in make_batch(16).items()})
