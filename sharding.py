@@ -21,10 +21,11 @@ What each device holds between steps (float32; every weight split along D, so D/
 
 Forward, inside the jitted shard_map, on every device at once:
   1. embed and lm_head: cast to bf16, ALL-GATHER -> [32000, 4096] each. Each device receives 31/32 of
-     262 MB per tensor: 508 MB. They stay whole for the step (524 MB).
+     262 MB per tensor, 508 MB for the two. They stay whole for the step (524 MB).
   2. lax.scan over the 32 layers. Per layer: cast the layer's shards to bf16 (12.6 MB), ALL-GATHER them
      to the whole layer (404.8 MB; receives 392 MB), run the layer on x [1, 512, 4096], drop the weights.
      Only one layer (maybe two, if XLA prefetches the next) is ever whole on a device. 32 x 392 MB = 12.5 GB.
+     (The norms travel in float32, a few KB: llama.py computes RMSNorm in float32.)
   3. logits [1, 512, 32000] float32 (65.5 MB), summed cross-entropy over this device's loss tokens.
 Backward (every layer is under jax.checkpoint, so only the layer inputs [1, 512, 4096] were kept):
   4. per layer, in reverse: ALL-GATHER the layer again (392 MB received), recompute it, differentiate.
@@ -38,11 +39,11 @@ Then AdamW on the local shards only: no communication at all, 1/32 of the optimi
 Per device and step that is ~52 GB moved (~39 GB with reduce_dtype=bf16), against ~8 x 6.74e9 x 512 =
 2.8e13 FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16
 TFLOP/s (123 per chip), so 0.45 s at 100% MFU; Google quotes 340 TB/s all-reduce bandwidth for a 1024-chip
-v3 pod, ~330 GB/s per chip, so the chip's 2 x 52 GB take ~0.3 s. XLA overlaps a layer's gather with the
-previous layer's matmuls, so this step is compute-bound, but not by much: halve the tokens per device
-(64 devices, or a smaller batch) and it becomes communication-bound. Gradient accumulation does not help:
-FSDP gathers and reduce-scatters the weights again for every micro-batch, so M micro-batches cost M times
-the bytes above. On a pod, let the device count make the batch; use micro-batches when memory is short.
+v3 pod, ~330 GB/s per chip: if these collectives reach it, the chip's 2 x 52 GB take ~0.3 s. Where XLA
+overlaps each layer's gather with the previous layer's matmuls (its latency-hiding scheduler does this on
+TPU), the step is compute-bound, but not by much: halve the tokens per device (64 devices, or a smaller
+batch) and it becomes communication-bound. Gradient accumulation does not help: FSDP gathers and
+reduce-scatters the weights again for every micro-batch, so M micro-batches cost M times the bytes above. On a pod, let the device count make the batch; use micro-batches when memory is short.
 """
 
 from __future__ import annotations

@@ -201,6 +201,13 @@ def test_compiled_step_has_fsdp_collectives(eight):
     assert {dtype for shape, dtype in gathered if "x" in shape} == {"bf16"}, gathered  # matrices
     assert {dtype for shape, dtype in gathered if "x" not in shape} == {"f32"}, gathered  # norms
     assert scattered and set(scattered) == {"f32"}, scattered
+    # One reduce-scatter per tensor (9 per layer inside the scan, 3 top-level); one all-gather per tensor in
+    # the forward pass, and the 9 layer gathers once more in the backward pass, because of remat. Without
+    # remat the backward would reuse the gathered weights: every layer whole on every device at once.
+    assert len(scattered) == 12 and len(gathered) == 12 + 9
+    no_remat = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.bfloat16, remat=False)
+    assert no_remat.lower(params, sharding.init_opt_state(params), eight["batch"]).as_text().count(
+        'stablehlo.all_gather"') == 12
 
     compiled = lowered.compile().as_text()
     ops = [line.split(" = ", 1)[1] for line in compiled.splitlines() if " = " in line]
