@@ -622,10 +622,10 @@ def hf_tensors(c: LlamaConfig, params):
 
 
 def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
-            tokenizer_dir: str | None = None, extra_files: dict[str, Any] | None = None) -> str:
+            copy_files: list[str] = (), extra_files: dict[str, Any] | None = None) -> str:
     """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
-    max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), optionally the tokenizer files
-    copied from tokenizer_dir, and extra JSON files. Written into a temporary directory that is renamed
+    max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), copies of `copy_files` (e.g. the
+    tokenizer.model) and extra JSON files {name: content}. Written into a temporary directory that is renamed
     into place when complete: a crash never leaves a directory that looks finished.
     In a multi-process run every process must call this (the gathers are collective); only process 0 writes."""
     from safetensors.numpy import save_file
@@ -670,10 +670,8 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
         _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
     _write_json(os.path.join(tmp, "config.json"), c.to_hf(dtype=str(np_dtype)))
-    if tokenizer_dir is not None:
-        for fname in ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.exists(os.path.join(tokenizer_dir, fname)):
-                shutil.copy(os.path.join(tokenizer_dir, fname), os.path.join(tmp, fname))
+    for src in copy_files:
+        shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
     for fname, content in (extra_files or {}).items():
         _write_json(os.path.join(tmp, fname), content)
     # Swap into place: the old export (if any) is removed only once the new one is complete.
