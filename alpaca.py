@@ -777,6 +777,10 @@ def train(c):
     say(f"data: {info['examples']} examples ({info['dropped']} dropped), {steps} steps of {R} rows x {T} "
         f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
         f"real, {micro} micro-batch(es), {dp} device(s)")
+    if not c.no_pack and abs(info["examples_per_step"] - c.batch_size) > 0.25 * c.batch_size:
+        # The rows of a step are a multiple of the device count: with many devices, long rows overshoot.
+        say(f"warning: a step holds ~{info['examples_per_step']:.0f} examples, not --batch_size {c.batch_size}: "
+            f"{R} rows (a multiple of {dp} devices) of --seq_len {T}; a shorter --seq_len gets closer")
 
     opt = sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
                                grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),

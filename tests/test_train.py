@@ -72,7 +72,7 @@ def final_tensors(out):
 def reference_run(workdir):
     """The uninterrupted run on 8 devices that the other tests compare with."""
     out = workdir / "ref"
-    rc, log = run(run_args(workdir, out), env_for(8, workdir))
+    rc, log = run(run_args(workdir, out, "--hf_save_steps", "3"), env_for(8, workdir))
     assert rc == 0, log
     return out, log
 
@@ -91,6 +91,16 @@ def test_short_run_pinned_losses_and_loss_goes_down(reference_run):
     rec = json.loads(open(os.path.join(out, "metrics.jsonl")).readline())
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(rec)
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step_00000004", "step_00000006"]
+    assert sorted(os.listdir(os.path.join(out, "hf"))) == ["final", "step_00000003"]  # --hf_save_steps 3
+
+
+def test_failed_upload_keeps_the_export_and_says_so(workdir, reference_run):
+    # Offline, the Hub client refuses at once: the failure path runs without touching the network.
+    out = reference_run[0]
+    rc, log = run(run_args(workdir, out, "--hf_upload", "someone/alpaca-test"), env_for(8, workdir))
+    assert rc == 3, log
+    assert "upload to someone/alpaca-test failed" in log and f"kept at {out / 'hf' / 'final'}" in log
+    assert os.path.exists(out / "hf" / "final" / "model.safetensors")
 
 
 def test_one_device_gives_the_same_losses(workdir, reference_run):
