@@ -197,6 +197,8 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json"),
     (["--seq_len", "1024", "--max_len", "256"], "--seq_len 1024 is above the model's max_position_embeddings (512)"),
     (["--data_parallel", "3"], "--data_parallel"),
+    (["--model", "nobody/no-such-model"], "--model nobody/no-such-model"),  # a Hub id, offline here
+    (["--micro_batch_size", "3"], "--micro_batch_size (3) must be a multiple of the data-parallel size (8)"),
 ])
 def test_bad_flags_fail_clearly_and_write_nothing(workdir, flags, message):
     out = workdir / "bad"
@@ -238,3 +240,16 @@ def test_demo_preset_runs_end_to_end(workdir):
     assert rc == 0, log
     assert "step 3/3" in log and "### Response" in log
     assert os.path.exists(out / "hf" / "final" / "model.safetensors")
+
+
+def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir):
+    out = workdir / "diverge"
+    rc, log = run(run_args(workdir, out, "--lr", "1e30", "--warmup_ratio", "0", "--grad_clip", "0",
+                           "--checkpoint_every", "1"), env_for(8, workdir))
+    assert rc == 1, log
+    assert "training diverged" in log
+    bad_step = int(log.split("training diverged")[0].rsplit("step ", 1)[1].split(":")[0])
+    assert bad_step >= 2  # step 1's loss is computed before the first (huge) update, so it is finite
+    saved = sorted(os.listdir(out / "checkpoints"))
+    assert saved and saved[-1] == f"step_{bad_step - 1:08d}"  # nothing written for the diverged step
+    assert not os.path.exists(out / "hf")
