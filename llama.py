@@ -608,17 +608,32 @@ def _to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _layers_to_host(x):
+    """The layers of a stacked [L, ...] parameter as numpy arrays, in order. Sharded across processes, each
+    layer is gathered on its own (a collective: every process must iterate), so devices and hosts hold one
+    layer's bytes at a time: gathering a whole stack would put it on every device (11 GB for 13B's w_gate)."""
+    if getattr(x, "is_fully_addressable", True):
+        yield from np.asarray(jax.device_get(x))  # one process: straight to the host, no device copy
+        return
+    for i in range(x.shape[0]):
+        yield _to_host(_take_layer(x, i))
+
+
+@jax.jit
+def _take_layer(x, i):
+    return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+
+
 def hf_tensors(c: LlamaConfig, params):
-    """Yield (HF name, numpy array in HF orientation), one stacked parameter on the host at a time."""
+    """Yield (HF name, numpy array in HF orientation), one parameter on the host at a time (one stacked
+    parameter with one process, one layer of it with several)."""
     for ours, (hf, t) in TOP_NAMES.items():
         if ours in params:
             a = _to_host(params[ours])
             yield hf, (a.T if t else a)
     for ours, (hf, t) in LAYER_NAMES.items():
-        stacked = _to_host(params["layers"][ours])
-        for i in range(c.num_hidden_layers):
-            yield f"model.layers.{i}.{hf}", (stacked[i].T if t else stacked[i])
-        del stacked
+        for i, w in enumerate(_layers_to_host(params["layers"][ours])):
+            yield f"model.layers.{i}.{hf}", (w.T if t else w)
 
 
 def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
