@@ -503,17 +503,28 @@ def make_batch(examples, plan, step, rows=None):
 
 
 def process_rows(sharding, rows_per_step, seq_len):
-    """The (first, last + 1) rows of a step that this process's devices hold under `sharding`."""
+    """The rows of a step that this process's devices hold under `sharding`, as sorted, merged spans
+    [(first, last + 1), ...]: one span where the process's devices are neighbours on the mesh, several where
+    the mesh interleaves hosts (jax.make_mesh follows the torus on a TPU pod, not the host boundaries)."""
     idx = sharding.addressable_devices_indices_map((rows_per_step, seq_len)).values()
-    spans = sorted({s[0].indices(rows_per_step)[:2] for s in idx})
-    lo, hi = spans[0][0], max(e for _, e in spans)
-    if sum(e - s for s, e in spans) != hi - lo and len(spans) > 1:
-        raise ValueError(f"this process's rows are not one contiguous block: {spans}")
-    return lo, hi
+    spans = []
+    for lo, hi in sorted({s[0].indices(rows_per_step)[:2] for s in idx}):
+        if spans and lo <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(hi, spans[-1][1]))
+        else:
+            spans.append((lo, hi))
+    return spans
+
+
+def process_batch(examples, plan, step, spans):
+    """This process's part of the batch of `step`: the rows of `spans` (process_rows), in that order."""
+    parts = [make_batch(examples, plan, step, span) for span in spans]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def global_batch(local, sharding, rows_per_step, seq_len):
-    """One global jax.Array per key from each process's rows (make_batch(..., rows=process_rows(...)))."""
+    """One global jax.Array per key from each process's rows (process_batch(..., process_rows(...))).
+    The local rows fill this process's slices of the global batch in order, wherever they are."""
     import jax
     return {k: jax.make_array_from_process_local_data(sharding, v, (rows_per_step, seq_len))
             for k, v in local.items()}
@@ -544,24 +555,64 @@ def prepare_data(c, data_parallel):
 # ----------------------------------------------------------------------------------------------------
 # 7. Several hosts
 #
-# On a TPU pod slice the same command runs on every host; jax.distributed joins them into one set of
-# devices and the mesh spans them all. Elsewhere (GPU clusters, several processes on one machine) the
-# coordinator, process count and this process's id come from the environment.
+# The same command runs as one process per host (each TPU VM worker of a pod slice, each GPU host);
+# jax.distributed joins them, jax.devices() then lists the devices of every host, and the mesh spans them
+# all. Each process reads and plans the whole data set (cheap and deterministic) but builds only the rows
+# of its own devices, and writes only its own devices' checkpoint shards, so --out must be a directory
+# that every host sees (checked at start). All processes take part in every collective: the train step,
+# the barriers, the per-tensor gathers of the HF export. Process 0 alone prints, writes metrics.jsonl,
+# meta.json and the HF export, uploads and samples.
+#
+# When a process dies, the others fail at their next collective (the connection to it is reset) or, if
+# its host hangs or vanishes, when the coordinator misses its heartbeats for JAX_HEARTBEAT_TIMEOUT
+# seconds. They then exit at once with an error that says so (see main), instead of waiting at
+# jax.distributed's shutdown barrier for a process that never comes. Restart every process with the same
+# command: the run resumes from the last complete checkpoint.
+#
+# Environment, read by init_distributed (not by JAX): JAX_COORDINATOR_ADDRESS (host:port of process 0),
+# JAX_NUM_PROCESSES, JAX_PROCESS_ID; optional JAX_INIT_TIMEOUT (seconds to wait for every process to
+# join, 300) and JAX_HEARTBEAT_TIMEOUT (seconds of silence after which a process counts as dead, 100).
+# On a Cloud TPU VM none is needed: JAX finds the slice's workers from the TPU metadata.
+
+
+def _env_int(name, default):
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"environment variable {name}={value!r}: expected an integer")
+
+
+def _on_cloud_tpu_vm():
+    try:  # set by `import jax` when libtpu finds TPU chips on this machine (a private module: hence the try)
+        from jax._src import cloud_tpu_init
+        if getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False):
+            return True
+    except ImportError:
+        pass
+    return bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_PROCESS_ADDRESSES"))  # GKE
 
 
 def init_distributed():
     """Join the other processes of this job, if there are any. Returns this process's index."""
     import jax
     env = os.environ
+    timeouts = dict(initialization_timeout=_env_int("JAX_INIT_TIMEOUT", 300),
+                    heartbeat_timeout_seconds=_env_int("JAX_HEARTBEAT_TIMEOUT", 100))
     if "JAX_COORDINATOR_ADDRESS" in env:
+        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if k not in env]
+        if missing:
+            raise InputError(f"JAX_COORDINATOR_ADDRESS is set, but not {' and '.join(missing)}: every process "
+                             "needs the coordinator's host:port, the number of processes and its own id (0, 1, ...)")
+        n, i = _env_int("JAX_NUM_PROCESSES", 1), _env_int("JAX_PROCESS_ID", 0)
+        if not 0 <= i < n:
+            raise InputError(f"JAX_PROCESS_ID={i} must be in [0, JAX_NUM_PROCESSES={n})")
         if jax.config.jax_platforms in (None, "", "cpu") and env.get("JAX_PLATFORMS", "cpu") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across processes
-        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
-                                   num_processes=int(env["JAX_NUM_PROCESSES"]),
-                                   process_id=int(env["JAX_PROCESS_ID"]),
-                                   initialization_timeout=int(env.get("JAX_INIT_TIMEOUT", "300")))
-    elif env.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0 or env.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()  # a TPU VM pod slice: everything is discovered from the metadata server
+        jax.distributed.initialize(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=n,
+                                   process_id=i, **timeouts)
+    elif _on_cloud_tpu_vm():
+        jax.distributed.initialize(**timeouts)  # coordinator, process count and id from the TPU metadata
     return jax.process_index()
 
 
@@ -571,6 +622,44 @@ def barrier(name):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def agree(value):
+    """Process 0's value of an int, on every process (its view of the shared --out decides)."""
+    import jax
+    if jax.process_count() == 1:
+        return int(value)
+    from jax.experimental import multihost_utils
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
+def all_processes(flag):
+    """The flag of every process, as a list (the same list on every process)."""
+    import jax
+    if jax.process_count() == 1:
+        return [bool(flag)]
+    from jax.experimental import multihost_utils
+    return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.array([flag]))).reshape(-1)]
+
+
+def check_shared_out(out):
+    """With several processes, --out must be one directory that all of them see: each writes its own
+    checkpoint shards there and process 0 renames the checkpoint once all are written."""
+    import jax
+    if jax.process_count() == 1:
+        return
+    token = agree(int.from_bytes(os.urandom(3), "little"))
+    probe = os.path.join(out, f".shared-check-{token}")
+    if jax.process_index() == 0:
+        open(probe, "w").close()
+    barrier("shared-out-written")
+    seen = any(os.path.exists(probe) or time.sleep(0.5) for _ in range(10))  # network filesystems may lag
+    blind = [i for i, ok in enumerate(all_processes(seen)) if not ok]
+    if jax.process_index() == 0:
+        os.remove(probe)
+    if blind:
+        raise InputError(f"--out {out}: process(es) {blind} do not see the file process 0 wrote there. With several "
+                         "hosts, --out must be a directory they all share (NFS, a GCS FUSE mount, ...)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -795,14 +884,15 @@ def train(c):
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
             "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum())}
 
+    check_shared_out(c.out)
     done = list_checkpoints(c.out)
+    start = agree(done[-1] if done else 0)  # what process 0 sees on the shared --out decides
     if main_process:  # leftovers of a write that was interrupted
         root = os.path.join(c.out, "checkpoints")
         for d in os.listdir(root) if os.path.isdir(root) else []:
             if d.endswith(".tmp"):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    if done:
-        start = done[-1]
+    if start:
         where = os.path.join(c.out, "checkpoints", f"step_{start:08d}")
         check_resumable(read_checkpoint_meta(c.out, start), c, mc, where)
         # What to read into: the shapes and shardings of params and of sharding.init_opt_state's state.
@@ -814,7 +904,6 @@ def train(c):
         params, opt_state = state["params"], state["opt_state"]
         say(f"resuming from {where} (step {start} of {steps})")
     else:
-        start = 0
         say(f"loading {c.model} ...")
         _, params = llama.load_hf(model_dir, dtype=param_dtype, shardings=specs)
         opt_state = sharding.init_opt_state(params)
@@ -842,7 +931,7 @@ def train(c):
     peak = peak_tflops(jax.devices()[0], c.peak_tflops)
 
     def batch_of(k):
-        return global_batch(make_batch(examples, plan, k, rows), batch_sharding, R, T)
+        return global_batch(process_batch(examples, plan, k, rows), batch_sharding, R, T)
 
     def lengths_of(k):
         return lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
@@ -898,6 +987,11 @@ def train(c):
 
     final = os.path.join(hf_root(c), "final")
     export_hf(c, mc, params, model_dir, final, say)
+    if jax.process_count() > 1:
+        # What is left (upload, sample) is process 0's alone, on its own devices. Leave the distributed
+        # system together now: at exit, the others would wait for process 0 at jax.distributed's shutdown
+        # barrier, which gives up after 300 s (an upload of 13 GB takes longer) and aborts every process.
+        jax.distributed.shutdown()
     status = 0
     if c.hf_upload and main_process:
         status = upload_hf(final, c.hf_upload, say)
@@ -913,12 +1007,7 @@ class TrainingDiverged(Exception):
 
 def _preempted_anywhere():
     """True on every process if any received SIGTERM, so that all write the (collective) checkpoint."""
-    import jax
-    flag = _Preempted.requested
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        flag = bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
-    return flag
+    return any(all_processes(_Preempted.requested))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1041,6 +1130,7 @@ def parse_config(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    c = None
     try:
         if argv[:1] == ["generate"]:
             return generate_main(argv[1:])
@@ -1057,11 +1147,43 @@ def main(argv=None):
         init_distributed()
         return train(c)
     except InputError as e:
-        print(f"alpaca.py: error: {e}", file=sys.stderr)
-        return 2
+        status, message = 2, str(e)
     except TrainingDiverged as e:
-        print(f"alpaca.py: error: {e}", file=sys.stderr)
-        return 1
+        status, message = 1, str(e)
+    except Exception as e:
+        if not _joined():
+            raise
+        import traceback
+        traceback.print_exc()
+        status, message = 1, _failed_message(e, c)
+    print(f"alpaca.py: error: {message}", file=sys.stderr)
+    if _joined():
+        # Skip Python's exit, whose jax.distributed handler waits at a shutdown barrier (up to 300 s, then
+        # aborts) for every process, dead ones included. Our connections close at once, so the other
+        # processes fail at their next collective instead of waiting on us.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _joined():
+    """Whether this process is one of several joined by jax.distributed."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _failed_message(e, c):
+    import jax
+    first = (str(e).strip().splitlines() or [""])[0]
+    kept = list_checkpoints(c.out) if c else []
+    resume = (f"the run resumes from the last complete checkpoint, {os.path.join(c.out, 'checkpoints')}/"
+              f"step_{kept[-1]:08d}" if kept else "there is no complete checkpoint yet: the run starts afresh")
+    return (f"process {jax.process_index()} of {jax.process_count()} stopped: {type(e).__name__}: {first}\n"
+            f"If another process of this job died or lost its connection, its log says why. Restart all "
+            f"{jax.process_count()} processes with the same command: {resume}.")
 
 
 if __name__ == "__main__":
