@@ -265,6 +265,31 @@ def attention(q, k, v, mask):
     return jnp.einsum("bkgts,bske->btkge", probs, v)
 
 
+def causal_block_size(T: int) -> int:
+    """Query block of causal_attention: 64, or T/16 for long rows (at most 16 blocks: compile time grows
+    with their number). A function of T only, never of the hardware."""
+    return max(64, T // 16)
+
+
+def causal_attention(q, k, v, mask, block: int):
+    """attention() for a causal mask over the same T positions (S == T), without the blocks above the
+    diagonal: query block i (positions [i*block, (i+1)*block)) only scores the keys [0, (i+1)*block), which
+    hold every key a causal mask lets it see. Same result as attention(); ceil(T/block) blocks of static shapes,
+    about (1 + block/T)/2 of the score work. On CPU, with the small heads of the demo model, it is ~2.5x
+    faster than attention() in the forward+backward pass: the [B, K, G, T, S] float32 scores, not the
+    matmuls, dominate there. Blocks that no row needs (packed examples of other segments) are still
+    computed: skipping them per row needs a hand-written flash-attention backward."""
+    B, T, K, G, E = q.shape
+    outs = []
+    for lo in range(0, T, block):  # the last block may be shorter
+        hi = min(lo + block, T)
+        scores = jnp.einsum("btkge,bske->bkgts", q[:, lo:hi], k[:, :hi], preferred_element_type=jnp.float32)
+        scores = jnp.where(mask[:, None, None, lo:hi, :hi], scores / math.sqrt(E), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bske->btkge", probs, v[:, :hi]))
+    return jnp.concatenate(outs, axis=1)
+
+
 def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=None):
     """One pre-norm decoder layer. x [B, T, D] float32 (the residual stream stays float32);
     matmuls run in `dtype`. With kv = {"k", "v": [B, S, K, E]} (a KV cache) the new keys/values are written
@@ -282,7 +307,11 @@ def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=No
         k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
         kv = {"k": k, "v": v}
-    o = attention(q, k, v, mask).reshape(B, T, K * G * E)
+        o = attention(q, k, v, mask)
+    else:  # the whole sequence at once, mask from attention_mask(): causal
+        block = causal_block_size(T)
+        o = causal_attention(q, k, v, mask, block) if T > block else attention(q, k, v, mask)
+    o = o.reshape(B, T, K * G * E)
     x = x + (o @ w["wo"]).astype(jnp.float32)
 
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps).astype(dtype)
