@@ -80,6 +80,8 @@ class Config:
     seed: int = _f(0, "seed of the data order (and of anything random)")
     param_dtype: str = _f("float32", "dtype of the master parameters and optimizer state")
     compute_dtype: str = _f("bfloat16", "dtype of the forward and backward matmuls")
+    no_remat: bool = _f(False, "keep every layer's activations for the backward pass instead of recomputing "
+                               "the layer (and re-gathering its weights): faster, but memory grows with depth")
     # Run directory, checkpoints, logs, exports.
     out: str = _f("runs/alpaca", "run directory: checkpoints, metrics.jsonl, HF exports; a rerun resumes from it")
     checkpoint_every: int = _f(200, "steps between checkpoints; 0 = only at the end")
@@ -876,7 +878,7 @@ def train(c):
                                total_steps=steps)
     param_dtype = jnp.dtype(c.param_dtype)
     step_fn = sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
-                                       num_micro_batches=micro)
+                                       num_micro_batches=micro, remat=not c.no_remat)
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
                           is_leaf=lambda s: isinstance(s, tuple))
     specs = sharding.param_specs(shapes, mesh)

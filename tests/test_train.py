@@ -110,6 +110,14 @@ def test_one_device_gives_the_same_losses(workdir, reference_run):
     np.testing.assert_allclose(losses(out), losses(reference_run[0]), rtol=2e-5)
 
 
+def test_no_remat_gives_the_same_losses(workdir, reference_run):
+    # Recomputing a layer in the backward pass is an implementation choice, not a change of the maths.
+    out = workdir / "no_remat"
+    rc, log = run(run_args(workdir, out, "--no_remat"), env_for(8, workdir))
+    assert rc == 0, log
+    np.testing.assert_allclose(losses(out), losses(reference_run[0]), rtol=2e-5)
+
+
 def wait_for_step(proc, out, step, timeout=240):
     path = os.path.join(out, "metrics.jsonl")
     t0 = time.time()
