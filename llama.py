@@ -672,7 +672,6 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     tokenizer.model) and extra JSON files {name: content}. Written into a temporary directory that is renamed
     into place when complete: a crash never leaves a directory that looks finished.
     In a multi-process run every process must call this (the gathers are collective); only process 0 writes."""
-    from safetensors.numpy import save_file
     np_dtype = np.dtype(jnp.dtype(dtype))
     writer = jax.process_index() == 0
     path = os.path.abspath(path)
@@ -697,6 +696,27 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     file_of = {name: files[k] for k, names in enumerate(shards) for name in names}
 
+    try:
+        _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files)
+    except BaseException:
+        if writer:  # nothing half-written is left behind
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not writer:
+        return path
+    # Swap into place: the old export (if any) is removed only once the new one is complete.
+    old = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files):
+    """The files of save_hf, into tmp. Tensors are gathered one stacked parameter at a time and a shard is
+    written as soon as its last tensor arrives, so host memory holds at most one shard."""
+    from safetensors.numpy import save_file
     pending: dict[str, dict] = {f: {} for f in files}
     remaining = {f: len(names) for f, names in zip(files, shards)}
     for name, arr in hf_tensors(c, params):
@@ -708,9 +728,8 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
         if remaining[f] == 0:  # a shard is complete: write it and free its tensors
             save_file(pending.pop(f), os.path.join(tmp, f), metadata={"format": "pt"})
     if not writer:
-        return path
-
-    if n > 1:
+        return
+    if len(files) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
         _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
     _write_json(os.path.join(tmp, "config.json"), c.to_hf(dtype=str(np_dtype)))
@@ -718,13 +737,6 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
         shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
     for fname, content in (extra_files or {}).items():
         _write_json(os.path.join(tmp, fname), content)
-    # Swap into place: the old export (if any) is removed only once the new one is complete.
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
 
 
 def _name_order(c: LlamaConfig):

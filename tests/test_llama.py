@@ -113,6 +113,13 @@ def test_save_hf_replaces_an_existing_export_atomically(tmp_path):
     np.testing.assert_array_equal(np.asarray(back["final_norm"]), np.asarray(params2["final_norm"]))
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no temporary or old directories left behind
 
+    # An export that fails halfway leaves the previous one as it was, and no temporary directory.
+    with pytest.raises(FileNotFoundError):
+        llama.save_hf(out, c, params, copy_files=[str(tmp_path / "missing.model")])
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    _, back = llama.load_hf(out)
+    np.testing.assert_array_equal(np.asarray(back["final_norm"]), np.asarray(params2["final_norm"]))
+
 
 def test_stories260k_matches_llama2c_reference():
     ref = json.load(open(os.path.join(STORIES, "reference_outputs.json")))
