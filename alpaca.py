@@ -1027,8 +1027,14 @@ def hf_root(c):
 
 
 def tokenizer_file(c, model_dir):
+    """The tokenizer.model that training used (load_tokenizer has already checked it), to ship with the export."""
     src = c.tokenizer or model_dir
-    return os.path.join(src, "tokenizer.model") if os.path.isdir(src) else src
+    if os.path.isdir(src):
+        return os.path.join(src, "tokenizer.model")
+    if os.path.isfile(src):
+        return src
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(src, "tokenizer.model")  # a Hub id: already in the local cache
 
 
 def export_hf(c, mc, params, model_dir, path, say):

@@ -244,10 +244,12 @@ def test_generate_command_answers_through_the_template(reference_run):
 def test_demo_preset_runs_end_to_end(workdir):
     out = workdir / "demo"
     rc, log = run(["--preset", "demo", "--steps", "3", "--out", str(out), "--cache_dir", str(workdir / "cache"),
-                   "--sample_tokens", "16"], env_for(1, workdir), timeout=600)
+                   "--sample_tokens", "16", "--tokenizer", os.path.join(STORIES, "tokenizer.model")],
+                  env_for(1, workdir), timeout=600)
     assert rc == 0, log
     assert "step 3/3" in log and "### Response" in log
     assert os.path.exists(out / "hf" / "final" / "model.safetensors")
+    assert open(out / "hf" / "final" / "tokenizer.model", "rb").read() == open(os.path.join(STORIES, "tokenizer.model"), "rb").read()
 
 
 def test_diverging_loss_stops_the_run_and_keeps_the_last_good_checkpoint(workdir):
