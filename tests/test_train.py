@@ -207,6 +207,7 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--data_parallel", "3"], "--data_parallel"),
     (["--model", "nobody/no-such-model"], "--model nobody/no-such-model"),  # a Hub id, offline here
     (["--micro_batch_size", "3"], "--micro_batch_size (3) must be a multiple of the data-parallel size (8)"),
+    (["--hf_dtype", "float64"], "--hf_dtype must be float32, bfloat16 or float16"),
 ])
 def test_bad_flags_fail_clearly_and_write_nothing(workdir, flags, message):
     out = workdir / "bad"
