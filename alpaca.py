@@ -61,15 +61,17 @@ class Config:
     epochs: int = _f(3, "passes over the data, each in a fresh order from --seed (used when --steps is 0)")
     batch_size: int = _f(128, "examples per optimizer step (an average when packing: see --seq_len)")
     micro_batch_size: int = _f(0, "rows per forward/backward pass over all devices (gradient accumulation); "
-                                  "0 = the whole step in one pass; must be a multiple of the data-parallel size")
+                                  "0 = the whole step in one pass; must divide the rows of a step and be a "
+                                  "multiple of the device count. It never changes what a step holds")
     max_len: int = _f(512, "examples are truncated to this many tokens (Stanford's model_max_length)")
     # 2048: ~128 Alpaca examples (mean 127 tokens) fill 8 rows of 2048 at >99% real tokens, one row per
     # device of an 8-chip host; it is Llama's context length and attention is ~8% of a 7B model's FLOPs
     # there. Small models on CPU pay relatively more for attention over long rows: use 512 for those.
     seq_len: int = _f(2048, "tokens per packed row; with --no_pack, every example is padded to this length")
     no_pack: bool = _f(False, "one example per row, padded to --seq_len (what Stanford and Levanter do)")
-    data_parallel: int = _f(0, "devices to plan the rows of a step for (a multiple of it); 0 = all devices. "
-                               "Training always uses all devices: set it only to --dry_run for another machine")
+    data_parallel: int = _f(0, "plan the rows of a step for this many devices (a multiple of it); 0 = the "
+                               "devices here. --dry_run for another machine, or the same plan on fewer devices "
+                               "(training needs a multiple of the device count)")
     # Optimizer: AdamW, 3% linear warmup then cosine to 0, as Stanford's Trainer arguments.
     lr: float = _f(2e-5, "peak learning rate")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -129,8 +131,14 @@ def check_config(c):
                          "is never split across rows")
     if c.steps < 0 or c.epochs < 0 or (c.steps == 0 and c.epochs == 0):
         raise InputError("give a positive --steps or --epochs")
-    if c.micro_batch_size < 0 or c.data_parallel < 0:
-        raise InputError("--micro_batch_size and --data_parallel must be >= 0")
+    for name in ("micro_batch_size", "data_parallel", "checkpoint_every", "hf_save_steps"):
+        if getattr(c, name) < 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(c, name)}")
+    for name in ("log_every", "keep_checkpoints"):
+        if getattr(c, name) < 1:
+            raise InputError(f"--{name} must be at least 1, got {getattr(c, name)}")
+    if not 0 <= c.warmup_ratio <= 1:
+        raise InputError(f"--warmup_ratio must be in [0, 1], got {c.warmup_ratio}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -192,7 +200,7 @@ def _read_file(path):
                     try:
                         rows.append((n, json.loads(line)))
                     except json.JSONDecodeError as e:
-                        raise InputError(f"{path}: line {n}: malformed JSON ({e.msg} at column {e.colno})")
+                        raise InputError(f"{path}: line {n}: malformed JSON ({e.msg})")
         return [_check_record(r, path, f"line {n}") for n, r in rows]
     else:
         try:
@@ -401,15 +409,31 @@ def tokenize_cached(records, sp, max_len, cache_dir):
 LOOKAHEAD = 512
 
 
-def choose_rows_per_step(lengths, *, batch_size, seq_len, data_parallel=1, micro_batch_size=0, pack=True):
+def choose_rows_per_step(lengths, *, batch_size, seq_len, data_parallel=1, pack=True):
     """R, the fixed number of rows of a step: about batch_size examples per step, rounded to a multiple
-    of micro_batch_size (if given) or of the data-parallel size."""
-    multiple = micro_batch_size or data_parallel
-    if multiple % data_parallel:
-        raise InputError(f"--micro_batch_size ({micro_batch_size}) must be a multiple of the data-parallel "
-                         f"size ({data_parallel})")
-    rows = batch_size if not pack else batch_size * float(np.mean(lengths)) / (seq_len * 0.99)
-    return multiple * max(1, round(rows / multiple))
+    of the data-parallel size (every device gets the same number of rows). Gradient accumulation does not
+    change R: --micro_batch_size only splits it (micro_batches below)."""
+    if len(lengths) == 0:
+        raise InputError("no examples left to train on: all were dropped (is --max_len shorter than the prompts?)")
+    if not pack:
+        if batch_size % data_parallel:
+            raise InputError(f"--batch_size {batch_size} with --no_pack (one example per row) must be a multiple "
+                             f"of the data-parallel size ({data_parallel})")
+        return batch_size
+    rows = batch_size * float(np.mean(lengths)) / (seq_len * 0.99)
+    return data_parallel * max(1, round(rows / data_parallel))
+
+
+def micro_batches(rows, micro_batch_size, devices):
+    """How many forward/backward passes a step of `rows` rows takes: rows / micro_batch_size, where a
+    micro-batch must divide the step and give every device the same number of rows."""
+    if not micro_batch_size:
+        return 1
+    if rows % micro_batch_size or micro_batch_size % devices:
+        valid = [m for m in range(devices, rows + 1, devices) if rows % m == 0]
+        raise InputError(f"--micro_batch_size {micro_batch_size}: a micro-batch must divide the {rows} rows of a "
+                         f"step and be a multiple of the {devices} devices; valid here: {valid}")
+    return rows // micro_batch_size
 
 
 def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack=True, data_parallel=1,
@@ -539,8 +563,9 @@ def global_batch(local, sharding, rows_per_step, seq_len):
 # 6. From flags to data
 
 
-def prepare_data(c, data_parallel):
-    """Records -> examples -> plan, as the flags say. Returns (examples, plan, info for the logs)."""
+def prepare_data(c, data_parallel, devices=None):
+    """Records -> examples -> plan, as the flags say, with rows planned for `data_parallel` devices and
+    split over `devices` (default: the same). Returns (examples, plan, info for the logs)."""
     records = load_records(c.data)
     sp = load_tokenizer(c.tokenizer or c.model)
     t0 = time.perf_counter()
@@ -548,11 +573,12 @@ def prepare_data(c, data_parallel):
     seconds = time.perf_counter() - t0
     lengths = example_lengths(examples)
     R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
-                             micro_batch_size=c.micro_batch_size, pack=not c.no_pack)
+                             pack=not c.no_pack)
+    micro = micro_batches(R, c.micro_batch_size, devices or data_parallel)
     plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
                       steps=c.steps, pack=not c.no_pack, data_parallel=data_parallel)
     info = {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
-            "data_parallel": data_parallel, "micro_batches": R // (c.micro_batch_size or R),
+            "data_parallel": data_parallel, "micro_batches": micro,
             "tokenize_seconds": round(seconds, 3), "cache_hit": hit}
     return examples, plan, info
 
@@ -744,13 +770,23 @@ def read_checkpoint_meta(out, step):
         return json.load(fh)
 
 
-def check_resumable(meta, c, model_config, where):
+def data_hash(examples):
+    """A fingerprint of the tokenized data: a resumed run must see the examples the plan was made from."""
+    h = hashlib.sha256()
+    for k in ("tokens", "offsets", "loss_start"):
+        h.update(np.ascontiguousarray(examples[k]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def check_resumable(meta, c, model_config, fingerprint, where):
     """Refuse a checkpoint whose run computed something else, naming the first settings that differ."""
     import jax
     diffs = [f"--{k} {meta['config'].get(k)!r} (this run: {getattr(c, k)!r})"
              for k in RESUME_KEYS if meta["config"].get(k) != getattr(c, k)]
     if meta["model_config"] != dataclasses.asdict(model_config):
         diffs.append("the model's config.json")
+    if meta.get("data_hash") != fingerprint:
+        diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
     if meta["processes"] != jax.process_count() or meta["devices"] != jax.device_count():
         diffs.append(f"{meta['processes']} processes x {meta['devices']} devices "
                      f"(this run: {jax.process_count()} x {jax.device_count()})")
@@ -822,6 +858,14 @@ def _log_line(m, total):
             f"tokens/s {m['tokens_per_s']:,.0f}  {m['tflops_per_device']:.3g} TFLOP/s/device{mfu}  eta {eta}")
 
 
+def _logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize
+
+
 class _Preempted:  # a flag the SIGTERM handler sets; the loop checkpoints and exits at the next step
     requested = False
 
@@ -839,13 +883,15 @@ def train(c):
     # Everything that can be wrong with the flags is found before anything is written or loaded.
     try:
         model_dir = llama.resolve_model_path(c.model)
-        with open(os.path.join(model_dir, "config.json")) as fh:
-            mc = llama.LlamaConfig.from_hf(json.load(fh), source=os.path.join(model_dir, "config.json"))
+        mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
     except (llama.CheckpointError, OSError) as e:
         raise InputError(f"--model {c.model}: {e}")
     if c.seq_len > mc.max_position_embeddings:
         raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
                          f"({mc.max_position_embeddings})")
+    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
+                         "which is not implemented")
     for name in ("param_dtype", "compute_dtype", "hf_dtype"):
         if getattr(c, name) not in ("float32", "bfloat16", "float16"):
             raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
@@ -856,18 +902,24 @@ def train(c):
         os.remove(probe)
     except OSError as e:
         raise InputError(f"--out {c.out}: not a writable directory ({e.strerror})")
+    if c.hf_save_path and jax.process_index() == 0:
+        try:
+            os.makedirs(c.hf_save_path, exist_ok=True)
+            probe = os.path.join(c.hf_save_path, ".write-test")
+            open(probe, "w").close()
+            os.remove(probe)
+        except OSError as e:
+            raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory ({e.strerror})")
 
-    if c.data_parallel and c.data_parallel != jax.device_count():
-        raise InputError(f"--data_parallel {c.data_parallel}: training uses all {jax.device_count()} devices "
-                         "(the flag is for --dry_run planning of another machine; leave it at 0)")
+    if c.data_parallel % jax.device_count():
+        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
+                         f"{jax.device_count()} devices, so it must be 0 or a multiple of {jax.device_count()}")
     mesh = sharding.make_mesh()
     dp = mesh.shape["fsdp"]
     if mc.hidden_size % dp:
-        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices "
-                         "(--data_parallel)")
-    examples, plan, info = prepare_data(c, dp)
-    R, T, steps = plan["rows_per_step"], plan["seq_len"], plan["steps"]
-    micro = R // (c.micro_batch_size or R)
+        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
+    examples, plan, info = prepare_data(c, c.data_parallel or dp, devices=dp)
+    R, T, steps, micro = plan["rows_per_step"], plan["seq_len"], plan["steps"], info["micro_batches"]
     say(f"data: {info['examples']} examples ({info['dropped']} dropped), {steps} steps of {R} rows x {T} "
         f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
         f"real, {micro} micro-batch(es), {dp} device(s)")
@@ -886,8 +938,11 @@ def train(c):
                           is_leaf=lambda s: isinstance(s, tuple))
     specs = sharding.param_specs(shapes, mesh)
     lengths = example_lengths(examples)
+    if examples["tokens"].max() >= mc.vocab_size:
+        raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
+                         f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
-            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum())}
+            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples)}
 
     check_shared_out(c.out)
     done = list_checkpoints(c.out)
@@ -899,7 +954,7 @@ def train(c):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     if start:
         where = os.path.join(c.out, "checkpoints", f"step_{start:08d}")
-        check_resumable(read_checkpoint_meta(c.out, start), c, mc, where)
+        check_resumable(read_checkpoint_meta(c.out, start), c, mc, meta["data_hash"], where)
         # What to read into: the shapes and shardings of params and of sharding.init_opt_state's state.
         p = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, specs)
         m = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), p)
@@ -918,9 +973,10 @@ def train(c):
     metrics_path = os.path.join(c.out, "metrics.jsonl")
     if main_process and os.path.exists(metrics_path):  # drop what a killed run logged past its checkpoint
         with open(metrics_path) as fh:
-            kept = [line for line in fh if line.strip() and json.loads(line)["step"] <= start]
-        with open(metrics_path, "w") as fh:
+            kept = [line for line in fh if _logged_step(line) <= start]
+        with open(metrics_path + ".tmp", "w") as fh:
             fh.writelines(kept)
+        os.replace(metrics_path + ".tmp", metrics_path)
     wandb = None
     if c.wandb_project and main_process:
         try:
@@ -1077,9 +1133,10 @@ def respond(model, instruction, input_text="", *, max_new_tokens=256, temperatur
     mc, params = llama.load_hf(path)
     sp = load_tokenizer(path)
     ids = [sp.bos_id()] + sp.encode(format_prompt({"instruction": instruction, "input": input_text}))
-    room = mc.max_position_embeddings - len(ids)
+    context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+    room = context - len(ids)
     if room <= 0:
-        raise InputError(f"the prompt is {len(ids)} tokens, the model's context is {mc.max_position_embeddings}")
+        raise InputError(f"the prompt is {len(ids)} tokens, the model's context is {context}")
     out = llama.generate(params, np.array([ids], np.int32), mc, max_new_tokens=min(max_new_tokens, room),
                          temperature=temperature, top_p=top_p, key=jax.random.PRNGKey(seed),
                          eos_token_id=sp.eos_id())
@@ -1101,6 +1158,12 @@ def generate_main(argv):
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be at least 1, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {a.top_p}")
     import llama
     try:
         answer = respond(a.model, a.instruction, a.input, max_new_tokens=a.max_new_tokens,

@@ -427,7 +427,7 @@ def sample_token(logits, key, temperature, top_p):
     sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
     cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
     # The threshold is the smallest logit still inside the nucleus (the first token is always kept).
-    keep = jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1, keepdims=True)
+    keep = jnp.maximum(jnp.sum(cum - jax.nn.softmax(sorted_logits, axis=-1) < top_p, axis=-1, keepdims=True), 1)
     cutoff = jnp.take_along_axis(sorted_logits, keep - 1, axis=-1)
     logits = jnp.where(logits < cutoff, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
@@ -445,9 +445,13 @@ def generate(params, prompt, c: LlamaConfig, *, max_new_tokens: int = 128, tempe
         prompt = prompt[None]
     eos = c.eos_token_id if eos_token_id is None else eos_token_id
     key = jax.random.PRNGKey(0) if key is None else key
-    if prompt.shape[1] + max_new_tokens > c.max_position_embeddings:
-        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"max_position_embeddings={c.max_position_embeddings}")
+    if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
+                         f"{max_new_tokens}, {temperature}, {top_p}")
+    limit = min(c.max_position_embeddings, c.sliding_window or c.max_position_embeddings)
+    if prompt.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                         f"{'sliding_window' if limit < c.max_position_embeddings else 'max_position_embeddings'}={limit}")
     fn = _generate_cached if use_cache else _generate_nocache
     return fn(params, prompt, key, c, max_new_tokens, float(temperature), float(top_p), eos,
               _compute_dtype(params, compute_dtype))
@@ -548,13 +552,10 @@ def _expected_tensors(c: LlamaConfig) -> dict[str, tuple]:
     return out
 
 
-def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision: str | None = None):
-    """(config, params) from a Hugging Face Llama checkpoint: a local directory or a Hub repo id.
-
-    Streams tensor by tensor from memory-mapped safetensors. With `shardings` (a pytree like the params of
-    jax.sharding.Sharding) every device receives only its own slice, read with get_slice, so host memory
-    never holds a second copy of the model."""
-    path = resolve_model_path(path_or_repo_id, revision)
+def check_checkpoint(path: str):
+    """Read config.json and the safetensors headers of a local checkpoint directory, and check that the
+    tensors are exactly those of the config, with the right shapes. Cheap (no tensor is read), so a
+    training run calls it before doing anything else. Returns (config, {HF name: file}, expected)."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
@@ -573,6 +574,24 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision
     if unexpected:
         raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
                               f"({len(unexpected)} in all): not a plain Llama checkpoint?")
+    from safetensors import safe_open
+    for file in sorted(set(where[name] for name in expected)):
+        with safe_open(file, framework="numpy") as f:
+            for name, (_, _, _, shape) in expected.items():
+                if where[name] == file and tuple(f.get_slice(name).get_shape()) != tuple(shape):
+                    raise CheckpointError(f"{file}: tensor {name} has shape {tuple(f.get_slice(name).get_shape())}, "
+                                          f"config.json implies {tuple(shape)}")
+    return c, where, expected
+
+
+def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision: str | None = None):
+    """(config, params) from a Hugging Face Llama checkpoint: a local directory or a Hub repo id.
+
+    Streams tensor by tensor from memory-mapped safetensors. With `shardings` (a pytree like the params of
+    jax.sharding.Sharding) every device receives only its own slice, read with get_slice, so host memory
+    never holds a second copy of the model."""
+    path = resolve_model_path(path_or_repo_id, revision)
+    c, where, expected = check_checkpoint(path)
 
     from safetensors import safe_open
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -580,11 +599,7 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(where.values()))}
         by_param: dict[tuple, dict] = {}
         for name, (ours, layer, t, shape) in expected.items():
-            sl = handles[where[name]].get_slice(name)
-            if tuple(sl.get_shape()) != tuple(shape):
-                raise CheckpointError(f"{where[name]}: tensor {name} has shape {tuple(sl.get_shape())}, "
-                                      f"config.json implies {tuple(shape)}")
-            by_param.setdefault(ours, {})[layer] = (sl, t)
+            by_param.setdefault(ours, {})[layer] = (handles[where[name]].get_slice(name), t)
 
         def reader(ours):
             parts = by_param[ours]
@@ -786,6 +801,8 @@ def compare(model: str, prompt: str) -> dict:
     import sentencepiece as spm
 
     path = resolve_model_path(model)
+    if not os.path.exists(os.path.join(path, "tokenizer.model")):
+        raise CheckpointError(f"{path}: no tokenizer.model to encode the prompt with")
     sp = spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
     c, params = load_hf(path)
     ids = [c.bos_token_id] + sp.encode(prompt)

@@ -311,3 +311,25 @@ def test_compare_command_reports_parity():
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["max_abs_logit_diff"] < 1e-4 and report["top1_agreement"] == 1.0 and report["tokens"] == 5
+
+
+def test_generation_arguments_are_checked():
+    c, params = llama.load_hf(STORIES)
+    prompt = jnp.asarray([[1, 403, 407]])
+    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError, match="generate: need"):
+            llama.generate(params, prompt, c, **{"max_new_tokens": 4, **bad})
+    # The nucleus always keeps the most likely token, however small top_p is.
+    logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.15]]))
+    assert int(llama.sample_token(logits, jax.random.PRNGKey(0), 1.0, 1e-12)[0]) == 1
+    # A Mistral-style sliding window is not implemented: generating past it is refused, not silently wrong.
+    import dataclasses
+    windowed = dataclasses.replace(c, model_type="mistral", sliding_window=16)
+    with pytest.raises(ValueError, match="sliding_window=16"):
+        llama.generate(params, prompt, windowed, max_new_tokens=14)
+
+
+def test_compare_without_tokenizer_is_a_clear_error(stories_copy, capsys):
+    os.remove(stories_copy / "tokenizer.model")
+    assert llama.main(["compare", "--model", str(stories_copy)]) == 2
+    assert "no tokenizer.model" in capsys.readouterr().err

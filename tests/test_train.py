@@ -32,7 +32,7 @@ def run_args(workdir, out, *extra):
     return ["--model", STORIES, "--data", str(workdir / "data.json"), "--cache_dir", str(workdir / "cache"),
             "--out", str(out), "--steps", str(STEPS), "--batch_size", "8", "--seq_len", "256", "--max_len", "256",
             "--lr", "1e-3", "--warmup_ratio", "0.2", "--compute_dtype", "float32", "--hf_dtype", "float32",
-            "--micro_batch_size", "8", "--log_every", "1", "--checkpoint_every", "2", "--keep_checkpoints", "2", *extra]
+            "--data_parallel", "8", "--log_every", "1", "--checkpoint_every", "2", "--keep_checkpoints", "2", *extra]
 
 
 def env_for(devices, workdir, **extra):
@@ -140,11 +140,14 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     assert rc == -signal.SIGKILL, log
     ckpts = sorted(os.listdir(out / "checkpoints"))
     assert ckpts == ["step_00000002", "step_00000004.tmp"]  # the interrupted write is not taken for complete
+    with open(out / "metrics.jsonl", "a") as fh:  # a line cut short by the kill
+        fh.write('{"step": 5, "loss": 3.')
     rc, log = run(run_args(workdir, out), env)
     assert rc == 0, log
     assert "resuming from" in log and "step_00000002" in log
     for name, arr in final_tensors(out).items():
         np.testing.assert_array_equal(arr, expected[name], err_msg=name)
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
 
     # 2. SIGTERM (a preemption notice) writes a checkpoint and exits non-zero; then SIGKILL at another
     #    moment; each restart resumes, and the result is bitwise the uninterrupted run's.
@@ -178,6 +181,39 @@ def test_incompatible_checkpoint_is_refused(workdir, reference_run):
     assert "--lr 0.001 (this run: 0.0005)" in log
 
 
+def test_changed_data_under_the_same_path_is_refused(workdir, reference_run):
+    data = workdir / "data_changed.json"
+    records = json.load(open(SAMPLE))
+    json.dump(records[:48], open(data, "w"))
+    out = workdir / "changed"
+    args = run_args(workdir, out, "--steps", "2") + ["--data", str(data)]
+    assert run(args, env_for(8, workdir))[0] == 0
+    json.dump(records[48:96], open(data, "w"))  # other records, same file name
+    rc, log = run(args, env_for(8, workdir))
+    assert rc == 2 and "the data (its tokenized examples differ" in log, log
+
+
+def test_model_without_weights_is_refused_before_anything_is_written(workdir, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in ("config.json", "tokenizer.model"):
+        (model / f).write_bytes(open(os.path.join(STORIES, f), "rb").read())
+    out = tmp_path / "run"
+    rc, log = run(run_args(workdir, out) + ["--model", str(model)], env_for(8, workdir))
+    assert rc == 2 and f"--model {model}: {model}: no model.safetensors" in log, log
+    assert not out.exists()
+
+
+def test_generate_command_checks_its_flags(reference_run):
+    path = os.path.join(reference_run[0], "hf", "final")
+    for flags, message in ((["--top_p", "0"], "--top_p must be in (0, 1]"),
+                           (["--temperature", "-1"], "--temperature must be >= 0"),
+                           (["--max_new_tokens", "0"], "--max_new_tokens must be at least 1")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "alpaca.py"), "generate", "--model", path,
+                            "--instruction", "Hi", *flags], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and message in p.stderr, p.stderr
+
+
 def test_export_loads_in_transformers_with_equal_logits_and_generation(reference_run):
     import jax.numpy as jnp
     import torch
@@ -204,10 +240,14 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
     (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json"),
     (["--seq_len", "1024", "--max_len", "256"], "--seq_len 1024 is above the model's max_position_embeddings (512)"),
-    (["--data_parallel", "3"], "--data_parallel"),
+    (["--data_parallel", "3"], "--data_parallel 3: training splits the rows of a step over all 8 devices"),
     (["--model", "nobody/no-such-model"], "--model nobody/no-such-model"),  # a Hub id, offline here
-    (["--micro_batch_size", "3"], "--micro_batch_size (3) must be a multiple of the data-parallel size (8)"),
+    (["--micro_batch_size", "3"], "--micro_batch_size 3: a micro-batch must divide the 8 rows of a step"),
+    (["--log_every", "0"], "--log_every must be at least 1"),
     (["--hf_dtype", "float64"], "--hf_dtype must be float32, bfloat16 or float16"),
+    (["--hf_save_path", "/proc/no-such-dir"], "--hf_save_path /proc/no-such-dir: not a writable directory"),
+    (["--tokenizer", os.path.join(ASSETS, "llama_tokenizer", "tokenizer.model")],
+     "is outside the model's vocabulary of 512"),
 ])
 def test_bad_flags_fail_clearly_and_write_nothing(workdir, flags, message):
     out = workdir / "bad"
