@@ -895,6 +895,20 @@ def train(c):
     for name in ("param_dtype", "compute_dtype", "hf_dtype"):
         if getattr(c, name) not in ("float32", "bfloat16", "float16"):
             raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
+
+    if c.data_parallel % jax.device_count():
+        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
+                         f"{jax.device_count()} devices, so it must be 0 or a multiple of {jax.device_count()}")
+    mesh = sharding.make_mesh()
+    dp = mesh.shape["fsdp"]
+    if mc.hidden_size % dp:
+        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
+    examples, plan, info = prepare_data(c, c.data_parallel or dp, devices=dp)
+    R, T, steps, micro = plan["rows_per_step"], plan["seq_len"], plan["steps"], info["micro_batches"]
+    if examples["tokens"].max() >= mc.vocab_size:
+        raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
+                         f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
+    # The data and the model agree: from here on, the run writes into --out.
     try:
         os.makedirs(c.out, exist_ok=True)
         probe = os.path.join(c.out, f".write-test-{jax.process_index()}")
@@ -910,16 +924,6 @@ def train(c):
             os.remove(probe)
         except OSError as e:
             raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory ({e.strerror})")
-
-    if c.data_parallel % jax.device_count():
-        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
-                         f"{jax.device_count()} devices, so it must be 0 or a multiple of {jax.device_count()}")
-    mesh = sharding.make_mesh()
-    dp = mesh.shape["fsdp"]
-    if mc.hidden_size % dp:
-        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
-    examples, plan, info = prepare_data(c, c.data_parallel or dp, devices=dp)
-    R, T, steps, micro = plan["rows_per_step"], plan["seq_len"], plan["steps"], info["micro_batches"]
     say(f"data: {info['examples']} examples ({info['dropped']} dropped), {steps} steps of {R} rows x {T} "
         f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
         f"real, {micro} micro-batch(es), {dp} device(s)")
@@ -938,9 +942,6 @@ def train(c):
                           is_leaf=lambda s: isinstance(s, tuple))
     specs = sharding.param_specs(shapes, mesh)
     lengths = example_lengths(examples)
-    if examples["tokens"].max() >= mc.vocab_size:
-        raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
-                         f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
             "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples)}
 

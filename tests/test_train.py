@@ -249,12 +249,14 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--tokenizer", os.path.join(ASSETS, "llama_tokenizer", "tokenizer.model")],
      "is outside the model's vocabulary of 512"),
 ])
-def test_bad_flags_fail_clearly_and_write_nothing(workdir, flags, message):
-    out = workdir / "bad"
+def test_bad_flags_fail_clearly_and_write_nothing(workdir, tmp_path, flags, message):
+    out = tmp_path / "bad"
     rc, log = run(run_args(workdir, out) + flags, env_for(8, workdir))
     assert rc == 2, log
     assert message in log
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "hf")
+    if flags[0] != "--hf_save_path":  # found before the run directory is even made
+        assert not os.path.exists(out)
 
 
 def test_unwritable_out_is_named(workdir):
