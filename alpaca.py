@@ -916,14 +916,17 @@ def train(c):
         os.remove(probe)
     except OSError as e:
         raise InputError(f"--out {c.out}: not a writable directory ({e.strerror})")
-    if c.hf_save_path and jax.process_index() == 0:
+    problem = ""
+    if c.hf_save_path and main_process:  # only process 0 writes exports
         try:
             os.makedirs(c.hf_save_path, exist_ok=True)
             probe = os.path.join(c.hf_save_path, ".write-test")
             open(probe, "w").close()
             os.remove(probe)
         except OSError as e:
-            raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory ({e.strerror})")
+            problem = e.strerror or "error"
+    if agree(bool(problem)):  # every process stops with the message, not only process 0
+        raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory on process 0 ({problem or 'see its log'})")
     say(f"data: {info['examples']} examples ({info['dropped']} dropped), {steps} steps of {R} rows x {T} "
         f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
         f"real, {micro} micro-batch(es), {dp} device(s)")
@@ -936,6 +939,10 @@ def train(c):
                                grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
                                total_steps=steps)
     param_dtype = jnp.dtype(c.param_dtype)
+    if param_dtype != jnp.float32:
+        say(f"warning: --param_dtype {c.param_dtype} keeps the master weights in {c.param_dtype}: an update smaller "
+            f"than ~1/256 of a weight is rounded away (at lr {c.lr:g} most of them are). Stanford's recipe and the "
+            "default keep float32; use this only when memory forces it")
     step_fn = sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
                                        num_micro_batches=micro, remat=not c.no_remat)
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
@@ -979,13 +986,17 @@ def train(c):
             fh.writelines(kept)
         os.replace(metrics_path + ".tmp", metrics_path)
     wandb = None
+    missing_wandb = False
     if c.wandb_project and main_process:
         try:
             import wandb as wandb_module
             wandb = wandb_module
-            wandb.init(project=c.wandb_project, config=dataclasses.asdict(c), resume="allow")
         except ImportError:
-            raise InputError("--wandb_project needs wandb: pip install wandb")
+            missing_wandb = True
+    if agree(missing_wandb):
+        raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
+    if wandb:
+        wandb.init(project=c.wandb_project, config=dataclasses.asdict(c), resume="allow")
 
     signal.signal(signal.SIGTERM, lambda *_: setattr(_Preempted, "requested", True))
     batch_sharding = sharding.batch_sharding(mesh)

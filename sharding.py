@@ -38,12 +38,14 @@ Then AdamW on the local shards only: no communication at all, 1/32 of the optimi
 
 Per device and step that is ~52 GB moved (~39 GB with reduce_dtype=bf16), against ~8 x 6.74e9 x 512 =
 2.8e13 FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16
-TFLOP/s (123 per chip), so 0.45 s at 100% MFU; Google quotes 340 TB/s all-reduce bandwidth for a 1024-chip
-v3 pod, ~330 GB/s per chip: if these collectives reach it, the chip's 2 x 52 GB take ~0.3 s. Where XLA
+TFLOP/s (123 per chip), so 0.45 s if every FLOP ran at peak (0.34 s for the 6N that MFU counts); Google
+quotes 340 TB/s all-reduce bandwidth for a 1024-chip v3 pod, ~330 GB/s per chip: if these collectives reach
+it, the chip's 2 x 52 GB take ~0.3 s. Where XLA
 overlaps each layer's gather with the previous layer's matmuls (its latency-hiding scheduler does this on
 TPU), the step is compute-bound, but not by much: halve the tokens per device (64 devices, or a smaller
 batch) and it becomes communication-bound. Gradient accumulation does not help: FSDP gathers and
-reduce-scatters the weights again for every micro-batch, so M micro-batches cost M times the bytes above. On a pod, let the device count make the batch; use micro-batches when memory is short.
+reduce-scatters the weights again for every micro-batch, so M micro-batches cost M times the bytes above.
+On a pod, let the device count make the batch; use micro-batches when memory is short.
 """
 
 from __future__ import annotations

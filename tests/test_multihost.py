@@ -106,12 +106,21 @@ def log_of(p):
     return open(p.log).read()
 
 
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; -1 for a line the run is still writing."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        return -1
+
+
 def wait_for_step(ps, out, step, timeout=240):
     path, deadline = os.path.join(out, "metrics.jsonl"), time.time() + timeout
     while time.time() < deadline:
         for p in ps:
             assert p.poll() is None, f"{p.log} ended early:\n{log_of(p)[-3000:]}"
-        if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
+        if os.path.exists(path) and any(logged_step(l) >= step for l in open(path)):
             return
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
@@ -283,6 +292,17 @@ def test_out_that_the_processes_do_not_share_is_refused(workdir, procs):
     for p, o in zip(ps, (out, workdir / "local1")):
         assert f"--out {o}: process(es) [1] do not see the file process 0 wrote there" in log_of(p)
     assert not os.path.exists(out / "checkpoints")
+
+
+
+def test_a_problem_only_process_0_sees_stops_both_with_the_message(workdir, procs):
+    # Only process 0 writes exports, so only it can find --hf_save_path unwritable: it must not leave
+    # process 1 to crash at the next collective.
+    out = workdir / "hfbad"
+    ps = start_pair(procs, workdir, out, "--hf_save_path", "/proc/no-such-dir/hf")
+    assert wait(ps, timeout=120) == [2, 2], log_of(ps[1])[-3000:]
+    for p in ps:
+        assert "alpaca.py: error: --hf_save_path /proc/no-such-dir/hf: not a writable directory on process 0" in log_of(p)
 
 
 INTERLEAVED = f"""

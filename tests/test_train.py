@@ -118,13 +118,22 @@ def test_no_remat_gives_the_same_losses(workdir, reference_run):
     np.testing.assert_allclose(losses(out), losses(reference_run[0]), rtol=2e-5)
 
 
+
+def logged_step(line):
+    """The step of a metrics.jsonl line; -1 for a line the run is still writing."""
+    try:
+        return json.loads(line)["step"]
+    except ValueError:
+        return -1
+
+
 def wait_for_step(proc, out, step, timeout=240):
     path = os.path.join(out, "metrics.jsonl")
     t0 = time.time()
     while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise AssertionError(f"run ended early: {proc.communicate()[0]}")
-        if os.path.exists(path) and any(json.loads(l)["step"] >= step for l in open(path) if l.strip()):
+        if os.path.exists(path) and any(logged_step(l) >= step for l in open(path)):
             return
         time.sleep(0.05)
     raise AssertionError("timed out")
