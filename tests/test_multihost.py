@@ -21,11 +21,8 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(ROOT, "tests", "assets")
-STORIES = os.path.join(ASSETS, "stories260K")
-SAMPLE = os.path.join(ASSETS, "alpaca", "alpaca_sample_2000.json")
-STEPS = 6
+from commands import ROOT, STEPS, STORIES, logged_step, run_args, write_data
+
 LOSS_ATOL, PARAM_ATOL = 5e-6, 2e-5  # 2 processes vs 1, float32: ~10x what was measured (see above)
 DEATH_NOTICE_S = 30  # how long a survivor may take to stop after its peer died (measured: < 1 s; 4 s frozen)
 
@@ -33,16 +30,8 @@ DEATH_NOTICE_S = 30  # how long a survivor may take to stop after its peer died 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("multihost")
-    json.dump(json.load(open(SAMPLE))[:48], open(d / "data.json", "w"))
+    write_data(d)
     return d
-
-
-def run_args(workdir, out, *extra):
-    """tests/test_train.py's command: stories260K, 48 records, 6 steps of 8 rows x 256, float32."""
-    return ["--model", STORIES, "--data", str(workdir / "data.json"), "--cache_dir", str(workdir / "cache"),
-            "--out", str(out), "--steps", str(STEPS), "--batch_size", "8", "--seq_len", "256", "--max_len", "256",
-            "--lr", "1e-3", "--warmup_ratio", "0.2", "--compute_dtype", "float32", "--hf_dtype", "float32",
-            "--micro_batch_size", "8", "--log_every", "1", "--checkpoint_every", "2", "--keep_checkpoints", "2", *extra]
 
 
 def base_env(workdir, devices):
@@ -107,12 +96,6 @@ def log_of(p):
 
 
 
-def logged_step(line):
-    """The step of a metrics.jsonl line; -1 for a line the run is still writing."""
-    try:
-        return json.loads(line)["step"]
-    except ValueError:
-        return -1
 
 
 def wait_for_step(ps, out, step, timeout=240):

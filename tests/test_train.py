@@ -11,28 +11,14 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ASSETS = os.path.join(ROOT, "tests", "assets")
-STORIES = os.path.join(ASSETS, "stories260K")
-SAMPLE = os.path.join(ASSETS, "alpaca", "alpaca_sample_2000.json")
-
-# A short float32 run of the real stories260K model on 48 real Alpaca records: 6 steps of 8 rows x 256.
-STEPS = 6
+from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, logged_step, run_args, write_data
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    records = json.load(open(SAMPLE))[:48]
-    json.dump(records, open(d / "data.json", "w"))
+    write_data(d)
     return d
-
-
-def run_args(workdir, out, *extra):
-    return ["--model", STORIES, "--data", str(workdir / "data.json"), "--cache_dir", str(workdir / "cache"),
-            "--out", str(out), "--steps", str(STEPS), "--batch_size", "8", "--seq_len", "256", "--max_len", "256",
-            "--lr", "1e-3", "--warmup_ratio", "0.2", "--compute_dtype", "float32", "--hf_dtype", "float32",
-            "--data_parallel", "8", "--log_every", "1", "--checkpoint_every", "2", "--keep_checkpoints", "2", *extra]
 
 
 def env_for(devices, workdir, **extra):
@@ -119,12 +105,6 @@ def test_no_remat_gives_the_same_losses(workdir, reference_run):
 
 
 
-def logged_step(line):
-    """The step of a metrics.jsonl line; -1 for a line the run is still writing."""
-    try:
-        return json.loads(line)["step"]
-    except ValueError:
-        return -1
 
 
 def wait_for_step(proc, out, step, timeout=240):
