@@ -249,23 +249,28 @@ def format_prompt(record):
     return PROMPT_DICT[key].format_map(record)
 
 
-def load_tokenizer(path):
-    """A SentencePiece processor from a tokenizer.model file, a directory holding one, or a Hub model id
-    (only tokenizer.model is downloaded)."""
+def tokenizer_path(path):
+    """The tokenizer.model file of a file path, a directory holding one, or a Hub model id (then only
+    tokenizer.model is downloaded, into the Hugging Face cache)."""
     if os.path.isdir(path):
         file = os.path.join(path, "tokenizer.model")
         if not os.path.isfile(file):
             raise InputError(f"tokenizer: no tokenizer.model in {path}")
-    elif os.path.isfile(path):
-        file = path
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        return file
+    if os.path.isfile(path):
+        return path
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         from huggingface_hub import hf_hub_download
         try:
-            file = hf_hub_download(path, "tokenizer.model")
+            return hf_hub_download(path, "tokenizer.model")
         except Exception as e:
             raise InputError(f"tokenizer: cannot download tokenizer.model of {path} ({type(e).__name__}: {e})")
-    else:
-        raise InputError(f"tokenizer: no such file or directory: {path}")
+    raise InputError(f"tokenizer: no such file or directory: {path}")
+
+
+def load_tokenizer(path):
+    """A SentencePiece processor from what tokenizer_path accepts."""
+    file = tokenizer_path(path)
     try:
         sp = spm.SentencePieceProcessor(model_file=file)
     except Exception as e:
@@ -770,6 +775,18 @@ def read_checkpoint_meta(out, step):
         return json.load(fh)
 
 
+def unwritable(directory, probe_name):
+    """Why `directory` cannot be written to ('' when it can): made if missing, then a file is created in it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, probe_name)
+        open(probe, "w").close()
+        os.remove(probe)
+        return ""
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
 def data_hash(examples):
     """A fingerprint of the tokenized data: a resumed run must see the examples the plan was made from."""
     h = hashlib.sha256()
@@ -909,23 +926,11 @@ def train(c):
         raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
                          f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
     # The data and the model agree: from here on, the run writes into --out.
-    try:
-        os.makedirs(c.out, exist_ok=True)
-        probe = os.path.join(c.out, f".write-test-{jax.process_index()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise InputError(f"--out {c.out}: not a writable directory ({e.strerror})")
-    problem = ""
-    if c.hf_save_path and main_process:  # only process 0 writes exports
-        try:
-            os.makedirs(c.hf_save_path, exist_ok=True)
-            probe = os.path.join(c.hf_save_path, ".write-test")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            problem = e.strerror or "error"
-    if agree(bool(problem)):  # every process stops with the message, not only process 0
+    problem = unwritable(c.out, f".write-test-{jax.process_index()}")
+    if problem:
+        raise InputError(f"--out {c.out}: not a writable directory ({problem})")
+    problem = unwritable(c.hf_save_path, ".write-test") if c.hf_save_path and main_process else ""
+    if agree(bool(problem)):  # only process 0 writes exports; every process stops with its message
         raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory on process 0 ({problem or 'see its log'})")
     say(f"data: {info['examples']} examples ({info['dropped']} dropped), {steps} steps of {R} rows x {T} "
         f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
@@ -1097,17 +1102,6 @@ def hf_root(c):
     return c.hf_save_path or os.path.join(c.out, "hf")
 
 
-def tokenizer_file(c, model_dir):
-    """The tokenizer.model that training used (load_tokenizer has already checked it), to ship with the export."""
-    src = c.tokenizer or model_dir
-    if os.path.isdir(src):
-        return os.path.join(src, "tokenizer.model")
-    if os.path.isfile(src):
-        return src
-    from huggingface_hub import hf_hub_download
-    return hf_hub_download(src, "tokenizer.model")  # a Hub id: already in the local cache
-
-
 def export_hf(c, mc, params, model_dir, path, say):
     """Every process calls this (the per-tensor gathers are collective); process 0 writes."""
     import jax.numpy as jnp
@@ -1119,7 +1113,7 @@ def export_hf(c, mc, params, model_dir, path, say):
     extra = {"tokenizer_config.json": tok, "generation_config.json": gen,
              "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}}
     llama.save_hf(path, mc, params, dtype=jnp.dtype(c.hf_dtype), extra_files=extra,
-                  copy_files=[tokenizer_file(c, model_dir)])
+                  copy_files=[tokenizer_path(c.tokenizer or model_dir)])
     say(f"exported Hugging Face checkpoint to {path}")
 
 

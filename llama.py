@@ -595,46 +595,42 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision
 
     from safetensors import safe_open
     np_dtype = np.dtype(jnp.dtype(dtype))
+    shapes = param_shapes(c)
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(where.values()))}
         by_param: dict[tuple, dict] = {}
         for name, (ours, layer, t, shape) in expected.items():
             by_param.setdefault(ours, {})[layer] = (handles[where[name]].get_slice(name), t)
 
-        def reader(ours):
-            parts = by_param[ours]
-
-            def read(index):  # index: a tuple of slices into our (stacked, x @ W oriented) shape
-                index = tuple(index) + (slice(None),) * (len(_shape_of(ours)) - len(index))
-                if None in parts:  # a top-level tensor
-                    sl, t = parts[None]
-                    return _read(sl, t, index).astype(np_dtype)
-                layers = range(len(parts))[index[0]]
-                return np.stack([_read(parts[i][0], parts[i][1], index[1:]) for i in layers]).astype(np_dtype)
-
-            return read
-
-        def _shape_of(ours):
-            s = param_shapes(c)
-            for k in ours:
-                s = s[k]
-            return s
-
         params: dict = {}
-        for ours in by_param:
-            shape = _shape_of(ours)
-            sharding = shardings
-            for k in ours:
-                sharding = sharding[k] if sharding is not None else None
-            if sharding is None:
-                arr = jnp.asarray(reader(ours)(()))
-            else:
-                arr = jax.make_array_from_callback(shape, sharding, reader(ours))
-            d = params
-            for k in ours[:-1]:
-                d = d.setdefault(k, {})
-            d[ours[-1]] = arr
+        for ours, parts in by_param.items():
+            shape = _at(shapes, ours)
+            sharding = _at(shardings, ours) if shardings is not None else None
+            read = _reader(parts, len(shape), np_dtype)
+            arr = jnp.asarray(read(())) if sharding is None else jax.make_array_from_callback(shape, sharding, read)
+            _at(params, ours[:-1], create=True)[ours[-1]] = arr
     return c, params
+
+
+def _at(tree, path, create=False):
+    """tree[path[0]][path[1]]..., making missing dicts when create."""
+    for k in path:
+        tree = tree.setdefault(k, {}) if create else tree[k]
+    return tree
+
+
+def _reader(parts, ndim, np_dtype):
+    """read(index) for jax.make_array_from_callback: one slice of our (stacked, x @ W oriented) array, read
+    from the HF tensors `parts` ({layer or None: (safetensors slice, transposed?)}) and nothing more."""
+    def read(index):
+        index = tuple(index) + (slice(None),) * (ndim - len(index))
+        if None in parts:  # a top-level tensor
+            sl, t = parts[None]
+            return _read(sl, t, index).astype(np_dtype)
+        layers = range(len(parts))[index[0]]
+        return np.stack([_read(parts[i][0], parts[i][1], index[1:]) for i in layers]).astype(np_dtype)
+
+    return read
 
 
 def _read(sl, transposed, index):
