@@ -2,17 +2,18 @@
 
 Read top to bottom:
   1. LlamaConfig, read from and written to a Hugging Face config.json.
-  2. Parameters: a nested dict of arrays, decoder layers stacked on a leading L axis.
+  2. Parameters: a nested dict of arrays, decoder layers stacked on a leading L axis; LoRA adapters likewise.
   3. The forward pass: embed, one lax.scan over layers (RMSNorm, RoPE, grouped-query attention with a
      causal+segment mask, SwiGLU MLP), final norm, LM head. A per-layer hook lets sharding.py all-gather
      FSDP shards inside the scan without this file knowing about devices.
   4. The loss: summed token cross-entropy under a loss mask, and the number of loss tokens.
   5. Generation with a KV cache.
-  6. Hugging Face safetensors in (streamed, optionally straight into a sharding) and out (atomic, sharded).
+  6. Hugging Face safetensors in (streamed, optionally straight into a sharding) and out (atomic, sharded,
+     optionally with LoRA adapters merged), and PEFT adapter directories in and out.
   7. `python llama.py compare`: check our logits against transformers on a real checkpoint.
 
 Shape letters: B batch, T time (queries), S time (keys), D model width, H query heads, K kv heads,
-G = H / K query heads per kv head, E head dim, F MLP width, V vocab, L layers.
+G = H / K query heads per kv head, E head dim, F MLP width, V vocab, L layers, r LoRA rank.
 """
 
 from __future__ import annotations
@@ -214,6 +215,59 @@ def init_params(c: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> di
     return jax.tree.unflatten(treedef, out)
 
 
+# LoRA (Hu et al. 2021): a frozen matrix W [in, out] gets a trainable low-rank update, x W + s (x A) B with
+# A [in, r], B [r, out] and s = alpha / r. The adapters live in their own tree, stacked like the layers:
+#   {"layers": {"wq": {"a": [L, D, r], "b": [L, r, H*E]}, ...}}
+# Only the targeted matrices have an entry. The update is never formed as an [in, out] matrix during training:
+# that would cost a full-size product per matrix, and the point is that nothing base-sized is differentiated.
+# Merging (W + s A B) is for export and generation only.
+LORA_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    rank: int  # r
+    alpha: float
+    targets: tuple = tuple(LORA_TARGETS)  # short names: q, k, v, o, gate, up, down
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_shapes(c: LlamaConfig, lc: LoraConfig) -> dict:
+    layers = param_shapes(c)["layers"]
+    out = {}
+    for t in lc.targets:
+        L, n_in, n_out = layers[LORA_TARGETS[t]]
+        out[LORA_TARGETS[t]] = {"a": (L, n_in, lc.rank), "b": (L, lc.rank, n_out)}
+    return {"layers": out}
+
+
+def init_lora(c: LlamaConfig, lc: LoraConfig, key) -> dict:
+    """Adapters as PEFT initialises them: A is kaiming_uniform(a=sqrt(5)) on torch's [r, in] layout, i.e.
+    uniform(-1/sqrt(in), 1/sqrt(in)); B is zero, so the adapted model starts exactly as the base. float32."""
+    shapes = lora_shapes(c, lc)["layers"]
+    keys = jax.random.split(key, len(shapes))
+    out = {}
+    for k, (name, s) in zip(keys, shapes.items()):
+        bound = 1.0 / math.sqrt(s["a"][1])
+        out[name] = {"a": jax.random.uniform(k, s["a"], jnp.float32, -bound, bound), "b": jnp.zeros(s["b"], jnp.float32)}
+    return {"layers": out}
+
+
+def merge_lora(w, adapter, scale):
+    """W + s A B in float32, for numpy or jax arrays, one matrix [in, out] or a stack [L, in, out]."""
+    return w.astype(np.float32) + scale * (adapter["a"].astype(np.float32) @ adapter["b"].astype(np.float32))
+
+
+def merge_lora_params(params, lora, scale):
+    """The parameters with every adapted matrix replaced by W + s A B (float32): a plain Llama again."""
+    layers = {k: merge_lora(v, lora["layers"][k], scale) if k in lora["layers"] else v
+              for k, v in params["layers"].items()}
+    return {**params, "layers": layers}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. Forward pass
 # ---------------------------------------------------------------------------------------------------------
@@ -290,19 +344,25 @@ def causal_attention(q, k, v, mask, block: int):
     return jnp.concatenate(outs, axis=1)
 
 
-def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=None):
+def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=None, lora=None, lora_scale=1.0):
     """One pre-norm decoder layer. x [B, T, D] float32 (the residual stream stays float32);
     matmuls run in `dtype`. With kv = {"k", "v": [B, S, K, E]} (a KV cache) the new keys/values are written
-    at `index` and attention runs over the whole cache; the updated cache is returned."""
+    at `index` and attention runs over the whole cache; the updated cache is returned. lora: this layer's
+    adapters {"wq": {"a", "b"}, ...} (see LoraConfig), added to the matrices they name, scaled by lora_scale."""
     B, T, _ = x.shape
     K, E = c.num_key_value_heads, c.head_dim
     G = c.num_attention_heads // K
     w = jax.tree.map(lambda a: a.astype(dtype) if a.ndim > 1 else a, w)  # no-op when the hook already cast
+    lora = jax.tree.map(lambda a: a.astype(dtype), lora or {})
+
+    def proj(h, name):  # h @ W, plus the low-rank path (h A) B s where W is adapted (PEFT's order of operations)
+        y = h @ w[name]
+        return y + ((h @ lora[name]["a"]) @ lora[name]["b"]) * lora_scale if name in lora else y
 
     h = rms_norm(x, w["attn_norm"], c.rms_norm_eps).astype(dtype)
-    q = apply_rope((h @ w["wq"]).reshape(B, T, K, G, E), cos, sin)
-    k = apply_rope((h @ w["wk"]).reshape(B, T, K, E), cos, sin)
-    v = (h @ w["wv"]).reshape(B, T, K, E)
+    q = apply_rope(proj(h, "wq").reshape(B, T, K, G, E), cos, sin)
+    k = apply_rope(proj(h, "wk").reshape(B, T, K, E), cos, sin)
+    v = proj(h, "wv").reshape(B, T, K, E)
     if kv is not None:
         k = jax.lax.dynamic_update_slice(kv["k"], k.astype(kv["k"].dtype), (0, index, 0, 0))
         v = jax.lax.dynamic_update_slice(kv["v"], v.astype(kv["v"].dtype), (0, index, 0, 0))
@@ -312,11 +372,11 @@ def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=No
         block = causal_block_size(T)
         o = causal_attention(q, k, v, mask, block) if T > block else attention(q, k, v, mask)
     o = o.reshape(B, T, K * G * E)
-    x = x + (o @ w["wo"]).astype(jnp.float32)
+    x = x + proj(o, "wo").astype(jnp.float32)
 
     h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps).astype(dtype)
-    gate = jax.nn.silu(h @ w["w_gate"])  # SwiGLU: silu(h W_gate) * (h W_up), then W_down
-    x = x + ((gate * (h @ w["w_up"])) @ w["w_down"]).astype(jnp.float32)
+    gate = jax.nn.silu(proj(h, "w_gate"))  # SwiGLU: silu(h W_gate) * (h W_up), then W_down
+    x = x + proj(gate * proj(h, "w_up"), "w_down").astype(jnp.float32)
     return x, kv
 
 
@@ -325,7 +385,7 @@ def _compute_dtype(params, compute_dtype):
 
 
 def hidden_states(params, tokens, c: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
-                  layer_hook: Callable | None = None, remat: bool = False):
+                  layer_hook: Callable | None = None, remat: bool = False, lora=None, lora_scale: float = 1.0):
     """Final-normed hidden states [B, T, D] float32."""
     B, T = tokens.shape
     if c.sliding_window is not None and T > c.sliding_window:
@@ -339,16 +399,18 @@ def hidden_states(params, tokens, c: LlamaConfig, *, positions=None, segment_ids
     mask = attention_mask(segment_ids)
     hook = layer_hook or (lambda w: w)
 
-    def body(x, w):
+    def body(x, layer):
         # The hook sees one layer's weights (L axis removed) and returns them ready to use: sharding.py
-        # all-gathers FSDP shards here, so only one layer is ever whole on a device.
-        x, _ = decoder_layer(x, hook(w), cos, sin, mask, c, dtype)
+        # all-gathers FSDP shards here, so only one layer is ever whole on a device. The layer's adapters
+        # (if any) come along as they are: they are small, and every device holds them whole.
+        w, adapters = layer
+        x, _ = decoder_layer(x, hook(w), cos, sin, mask, c, dtype, lora=adapters, lora_scale=lora_scale)
         return x, None
 
     if remat:  # keep only the layer inputs; the backward pass recomputes the layer (and re-runs the hook)
         body = jax.checkpoint(body)
     x = params["embed"][tokens].astype(jnp.float32)  # [B, T, D]
-    x, _ = jax.lax.scan(body, x, params["layers"])
+    x, _ = jax.lax.scan(body, x, (params["layers"], lora["layers"] if lora else None))
     return rms_norm(x, params["final_norm"], c.rms_norm_eps)
 
 
@@ -360,12 +422,13 @@ def unembed(params, h, c: LlamaConfig, compute_dtype=None):
 
 
 def forward(params, tokens, c: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
-            layer_hook: Callable | None = None, remat: bool = False):
+            layer_hook: Callable | None = None, remat: bool = False, lora=None, lora_scale: float = 1.0):
     """Logits [B, T, V] float32 for int32 tokens [B, T]. positions restart at 0 for each example packed into
     a row; segment_ids (1, 2, ... per example, 0 for padding) keep packed examples from attending to each
-    other. compute_dtype None computes in the parameters' dtype (float32 for parity checks)."""
-    h = hidden_states(params, tokens, c, positions=positions, segment_ids=segment_ids,
-                      compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat)
+    other. compute_dtype None computes in the parameters' dtype (float32 for parity checks). lora: an
+    adapter tree (init_lora's layout) applied with scale lora_scale (LoraConfig.scale = alpha / r)."""
+    h = hidden_states(params, tokens, c, positions=positions, segment_ids=segment_ids, compute_dtype=compute_dtype,
+                      layer_hook=layer_hook, remat=remat, lora=lora, lora_scale=lora_scale)
     return unembed(params, h, c, compute_dtype)
 
 
@@ -384,11 +447,13 @@ def cross_entropy(logits, targets, loss_mask):
     return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
 
 
-def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=None, remat=False):
+def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=None, remat=False, lora=None,
+            lora_scale: float = 1.0):
     """batch: tokens, targets, loss_mask, segment_ids, positions, each [B, T]. targets[b, t] is the token
     that position t predicts; loss_mask says which of those predictions count."""
     logits = forward(params, batch["tokens"], c, positions=batch["positions"], segment_ids=batch["segment_ids"],
-                     compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat)
+                     compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat, lora=lora,
+                     lora_scale=lora_scale)
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
@@ -501,7 +566,7 @@ def _generate_nocache(params, prompt, key, c, max_new, temperature, top_p, eos, 
 # ---------------------------------------------------------------------------------------------------------
 
 HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-            "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+            "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "adapter_config.json"]
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old Llama conversions store RoPE frequencies; we recompute them
 
 
@@ -664,32 +729,32 @@ def _take_layer(x, i):
     return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
 
-def hf_tensors(c: LlamaConfig, params):
+def hf_tensors(c: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
     """Yield (HF name, numpy array in HF orientation), one parameter on the host at a time (one stacked
-    parameter with one process, one layer of it with several)."""
+    parameter with one process, one layer of it with several). With adapters, every adapted matrix is merged
+    on the host, W + s A B, one layer at a time: no device ever holds a second copy of the model."""
     for ours, (hf, t) in TOP_NAMES.items():
         if ours in params:
             a = _to_host(params[ours])
             yield hf, (a.T if t else a)
     for ours, (hf, t) in LAYER_NAMES.items():
+        adapter = jax.tree.map(_to_host, lora["layers"][ours]) if lora and ours in lora["layers"] else None
         for i, w in enumerate(_layers_to_host(params["layers"][ours])):
+            if adapter is not None:
+                w = merge_lora(w, {"a": adapter["a"][i], "b": adapter["b"][i]}, lora_scale)
             yield f"model.layers.{i}.{hf}", (w.T if t else w)
 
 
 def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
-            copy_files: list[str] = (), extra_files: dict[str, Any] | None = None) -> str:
+            copy_files: list[str] = (), extra_files: dict[str, Any] | None = None, lora=None,
+            lora_scale: float = 1.0) -> str:
     """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
     max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), copies of `copy_files` (e.g. the
-    tokenizer.model) and extra JSON files {name: content}. Written into a temporary directory that is renamed
-    into place when complete: a crash never leaves a directory that looks finished.
+    tokenizer.model) and extra JSON files {name: content}. With `lora` (adapters, scale lora_scale), the
+    adapted matrices are written merged: a plain Llama. Written atomically (_written_atomically).
     In a multi-process run every process must call this (the gathers are collective); only process 0 writes."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    writer = jax.process_index() == 0
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
 
     # Plan the shards from the shapes first, so file names can say "of n" before any tensor is gathered.
     expected = _expected_tensors(c)
@@ -707,30 +772,44 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     file_of = {name: files[k] for k, names in enumerate(shards) for name in names}
 
+    with _written_atomically(path) as tmp:
+        _write_export(tmp, c, params, np_dtype, tmp is not None, files, shards, file_of, sizes, copy_files,
+                      extra_files, lora, lora_scale)
+    return path
+
+
+@contextlib.contextmanager
+def _written_atomically(path):
+    """A temporary directory beside `path` to write into (None on processes other than 0, which write nothing),
+    renamed to `path` when the block completes: a crash never leaves a directory that looks finished, a failure
+    removes the temporary one, and a previous `path` is replaced only by a complete new one."""
+    writer = jax.process_index() == 0
+    tmp = f"{path}.tmp-{os.getpid()}"
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     try:
-        _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files)
+        yield tmp if writer else None
     except BaseException:
         if writer:  # nothing half-written is left behind
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not writer:
-        return path
-    # Swap into place: the old export (if any) is removed only once the new one is complete.
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    if writer:  # swap into place: the old directory (if any) is removed only once the new one is complete
+        old = f"{path}.old-{os.getpid()}"
+        if os.path.exists(path):
+            os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files):
+def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files, lora,
+                  lora_scale):
     """The files of save_hf, into tmp. Tensors are gathered one stacked parameter at a time and a shard is
     written as soon as its last tensor arrives, so host memory holds at most one shard."""
     from safetensors.numpy import save_file
     pending: dict[str, dict] = {f: {} for f in files}
     remaining = {f: len(names) for f, names in zip(files, shards)}
-    for name, arr in hf_tensors(c, params):
+    for name, arr in hf_tensors(c, params, lora, lora_scale):
         if not writer:
             continue
         f = file_of[name]
@@ -744,6 +823,10 @@ def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, size
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
         _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
     _write_json(os.path.join(tmp, "config.json"), c.to_hf(dtype=str(np_dtype)))
+    _write_extras(tmp, copy_files, extra_files)
+
+
+def _write_extras(tmp, copy_files, extra_files):
     for src in copy_files:
         shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
     for fname, content in (extra_files or {}).items():
@@ -764,6 +847,104 @@ def _write_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
+
+
+# PEFT adapters. peft's LoRA on transformers' Llama names the adapters of layer i's q_proj
+#   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in]   (our A [in, r], transposed)
+#   base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight [out, r]  (our B [r, out], transposed)
+# in adapter_model.safetensors, and adapter_config.json gives r, lora_alpha, the target module names and the
+# base model. Only what this file computes is read back: plain LoRA (no DoRA, rsLoRA, per-module ranks, bias).
+PEFT_PREFIX = "base_model.model.model.layers"
+
+
+def _peft_module(ours: str) -> str:
+    return LAYER_NAMES[ours][0].rsplit(".", 1)[0]  # "wq" -> "self_attn.q_proj"
+
+
+PEFT_TARGETS = {_peft_module(ours).split(".")[-1]: short for short, ours in LORA_TARGETS.items()}  # q_proj: q
+
+
+def peft_config(lc: LoraConfig, base_model: str) -> dict:
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "r": lc.rank,
+            "lora_alpha": lc.alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False,
+            "target_modules": [m for m, short in PEFT_TARGETS.items() if short in lc.targets],
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
+
+
+def save_peft(path: str, c: LlamaConfig, lc: LoraConfig, lora, *, base_model: str, copy_files: list[str] = (),
+              extra_files: dict[str, Any] | None = None) -> str:
+    """Write a PEFT adapter directory (adapter_config.json, adapter_model.safetensors in float32, and the
+    extra files, e.g. the tokenizer) that peft.PeftModel.from_pretrained(base, path) loads. Written atomically;
+    every process calls it, process 0 writes."""
+    from safetensors.numpy import save_file
+    tensors = {}
+    for ours, adapter in lora["layers"].items():
+        a, b = _to_host(adapter["a"]), _to_host(adapter["b"])
+        for i in range(c.num_hidden_layers):
+            module = f"{PEFT_PREFIX}.{i}.{_peft_module(ours)}"
+            tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
+            tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
+    path = os.path.abspath(path)
+    with _written_atomically(path) as tmp:
+        if tmp is not None:
+            save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+            _write_json(os.path.join(tmp, "adapter_config.json"), peft_config(lc, base_model))
+            _write_extras(tmp, copy_files, extra_files)
+    return path
+
+
+def read_peft_config(path: str) -> tuple[LoraConfig, str]:
+    """(LoraConfig, base_model_name_or_path) of a PEFT adapter directory; anything we would compute
+    differently is an error naming the field."""
+    cfg_file = os.path.join(path, "adapter_config.json")
+    with open(cfg_file) as f:
+        d = json.load(f)
+
+    def fail(field, why):
+        raise CheckpointError(f"{cfg_file}: {field}={d.get(field)!r} is not supported ({why})")
+
+    if d.get("peft_type") != "LORA":
+        fail("peft_type", "only LoRA adapters are read")
+    for field in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                  "modules_to_save"):
+        if d.get(field):
+            fail(field, "plain LoRA with one rank and alpha for every module")
+    if d.get("bias", "none") != "none":
+        fail("bias", "adapters without bias")
+    targets = d.get("target_modules")
+    if targets == "all-linear":
+        targets = list(PEFT_TARGETS)
+    if not isinstance(targets, list) or not targets or set(targets) - set(PEFT_TARGETS):
+        fail("target_modules", f"a list of module names from {list(PEFT_TARGETS)}")
+    if not d.get("base_model_name_or_path"):
+        fail("base_model_name_or_path", "the base model to apply the adapters to must be named")
+    lc = LoraConfig(rank=int(d["r"]), alpha=float(d["lora_alpha"]),
+                    targets=tuple(short for m, short in PEFT_TARGETS.items() if m in targets))
+    return lc, d["base_model_name_or_path"]
+
+
+def load_peft(path: str, c: LlamaConfig, lc: LoraConfig) -> dict:
+    """The adapters of a PEFT directory, in init_lora's layout (float32), for a base model of config c."""
+    from safetensors.numpy import load_file
+    file = os.path.join(path, "adapter_model.safetensors")
+    if not os.path.exists(file):
+        raise CheckpointError(f"{path}: no adapter_model.safetensors")
+    tensors = load_file(file)
+    shapes = lora_shapes(c, lc)["layers"]
+    out = {}
+    for ours, s in shapes.items():
+        stacks = {}
+        for key, torch_name in (("a", "lora_A"), ("b", "lora_B")):
+            layers = []
+            for i in range(c.num_hidden_layers):
+                name = f"{PEFT_PREFIX}.{i}.{_peft_module(ours)}.{torch_name}.weight"
+                if name not in tensors or tensors[name].shape != s[key][:0:-1]:
+                    found = tensors[name].shape if name in tensors else "missing"
+                    raise CheckpointError(f"{file}: {name}: {found}, expected {s[key][:0:-1]} for the base model")
+                layers.append(tensors[name].T)
+            stacks[key] = jnp.asarray(np.stack(layers), jnp.float32)
+        out[ours] = stacks
+    return {"layers": out}
 
 
 def resize_vocab(params, c: LlamaConfig, new_size: int):

@@ -2,6 +2,7 @@
 gradient accumulation, memory per device, the collectives in the compiled HLO, and the error messages."""
 
 import dataclasses
+import math
 import re
 
 import jax
@@ -242,3 +243,91 @@ def test_clear_errors_for_shapes_that_do_not_divide(eight):
         step(params, sharding.init_opt_state(params), eight["batch"])
     with pytest.raises(ValueError, match="multiple of 8"):
         sharding.make_eval_step(CONFIG, mesh)(params, {k: v[:12] for k, v in make_batch(16).items()})
+
+
+# LoRA on the same step: the base frozen (bf16 here, as alpaca.py keeps it), only the adapters trained.
+LORA = llama.LoraConfig(rank=4, alpha=8.0)
+
+
+def host_adapters(seed=1):
+    """Adapters as PEFT initialises A, with B non-zero: B = 0 would leave A without gradient at the first step."""
+    ad = llama.init_lora(CONFIG, LORA, jax.random.key(seed))["layers"]
+    keys = jax.random.split(jax.random.key(seed + 1), len(ad))
+    return {"layers": {name: {"a": np.asarray(v["a"]), "b": np.asarray(0.1 * jax.random.normal(k, v["b"].shape))}
+                       for k, (name, v) in zip(keys, ad.items())}}
+
+
+def bf16_base():
+    return jax.tree.map(lambda x: np.asarray(x.astype(jnp.bfloat16)), host_params())
+
+
+@pytest.fixture(scope="module")
+def lora_eight():
+    """3 LoRA steps on 8 devices, float32 compute, and the program they ran (lowered and compiled)."""
+    mesh = sharding.make_mesh()
+    base = sharding.shard_params(bf16_base(), mesh)
+    adapters = jax.device_put(host_adapters(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    opt_state = sharding.init_opt_state(adapters)
+    batch = sharding.shard_batch(make_batch(16), mesh)
+    lowered = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.float32, lora=LORA).lower(
+        adapters, opt_state, batch, base)
+    step = lowered.compile()
+    metrics = []
+    for _ in range(STEPS):
+        adapters, opt_state, m = step(adapters, opt_state, batch, base)
+        metrics.append({k: float(v) for k, v in m.items()})
+    return dict(base=base, adapters=adapters, opt_state=opt_state, metrics=metrics, lowered=lowered.as_text(),
+                compiled=step.as_text())
+
+
+def test_lora_step_trains_only_the_adapters_and_matches_plain_grad_and_optax(lora_eight):
+    # Reference: jax.grad of the unsharded mean loss w.r.t. the adapters alone, optax's AdamW and clipping.
+    batch = make_batch(16)
+    base = jax.tree.map(jnp.asarray, bf16_base())
+    schedule = optax.warmup_cosine_decay_schedule(0.0, OPT.lr, OPT.warmup_steps, OPT.total_steps, 0.0)
+    tx = optax.chain(optax.clip_by_global_norm(OPT.grad_clip),
+                     optax.adamw(schedule, b1=OPT.b1, b2=OPT.b2, eps=OPT.eps, weight_decay=OPT.weight_decay))
+
+    @jax.jit
+    def step(ad, state):
+        def mean_loss(ad):
+            loss_sum, n = llama.loss_fn(base, batch, CONFIG, compute_dtype=jnp.float32, lora=ad, lora_scale=LORA.scale)
+            return loss_sum / n
+        loss, g = jax.value_and_grad(mean_loss)(ad)
+        updates, state = tx.update(g, state, ad)
+        return optax.apply_updates(ad, updates), state, loss, optax.tree.norm(g)
+
+    ad = jax.tree.map(jnp.asarray, host_adapters())
+    state = tx.init(ad)
+    losses, norms = [], []
+    for _ in range(STEPS):
+        ad, state, loss, norm = step(ad, state)
+        losses.append(float(loss))
+        norms.append(float(norm))
+    np.testing.assert_allclose([m["loss"] for m in lora_eight["metrics"]], losses, rtol=RTOL)
+    np.testing.assert_allclose([m["grad_norm"] for m in lora_eight["metrics"]], norms, rtol=RTOL)
+    assert_trees_close(lora_eight["adapters"], ad)
+    assert norms[0] > OPT.grad_clip and losses[-1] < losses[0]
+    # The base is an argument of the step, not donated and never written: bitwise what went in.
+    for x, y in zip(jax.tree.leaves(lora_eight["base"]), jax.tree.leaves(bf16_base())):
+        np.testing.assert_array_equal(np.asarray(x), y)
+    # Replicated adapters: every device ends with the same bits (the same update from the same all-reduced gradient).
+    for x in jax.tree.leaves((lora_eight["adapters"], lora_eight["opt_state"])):
+        for s in x.addressable_shards:
+            np.testing.assert_array_equal(np.asarray(s.data), np.asarray(x.addressable_shards[0].data))
+
+
+def test_lora_step_gathers_the_frozen_base_and_reduces_only_adapter_gradients(lora_eight):
+    """The base is all-gathered as in full FSDP (12 tensors, and the 9 of a layer again in the backward pass),
+    but nothing is reduce-scattered: the frozen matrices have no gradient. The only all-reduces move the
+    adapters' gradients and scalars: their element count is the adapters' plus a few scalars."""
+    text = lora_eight["lowered"]
+    assert text.count('stablehlo.all_gather"') == 12 + 9 and "reduce_scatter" not in text
+    ops = [line.split(" = ", 1)[1] for line in lora_eight["compiled"].splitlines() if " = " in line]
+    assert [op for op in ops if re.search(r"\sall-gather(-start)?\(", op)]
+    assert not [op for op in ops if re.search(r"\sreduce-scatter(-start)?\(", op)]
+    reduces = [op for op in ops if re.search(r"\sall-reduce(-start)?\(", op)]
+    reduced = sum(math.prod(int(d) for d in dims.split(",") if d) for op in reduces
+                  for dims in re.findall(r"f32\[([0-9,]*)\]", op.split(" all-reduce")[0]))
+    n_adapters = sum(x.size for x in jax.tree.leaves(lora_eight["adapters"]))
+    assert n_adapters <= reduced <= n_adapters + 8, (reduced, n_adapters, reduces)
