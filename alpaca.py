@@ -81,8 +81,17 @@ class Config:
     beta2: float = _f(0.999, "AdamW beta2")
     eps: float = _f(1e-8, "AdamW epsilon")
     seed: int = _f(0, "seed of the data order (and of anything random)")
-    param_dtype: str = _f("float32", "dtype of the master parameters and optimizer state")
+    param_dtype: str = _f("", "dtype of the master parameters and optimizer state; '' = float32, or bfloat16 with "
+                              "--lora_rank (then it is the frozen base weights' dtype: the adapters and their AdamW "
+                              "state are float32)")
     compute_dtype: str = _f("bfloat16", "dtype of the forward and backward matmuls")
+    # LoRA: train low-rank adapters of the decoder's matrices on the frozen base (see sharding.py).
+    lora_rank: int = _f(0, "LoRA rank r: train adapters A [in, r], B [r, out] of the --lora_targets matrices, the base "
+                           "weights frozen; 0 = full fine-tune. Exports both a PEFT adapter (DIR/NAME-adapter) and the "
+                           "merged model (DIR/NAME)")
+    lora_alpha: float = _f(8.0, "LoRA scale numerator: the update x A B is multiplied by lora_alpha / lora_rank")
+    lora_targets: str = _f("q,k,v,o,gate,up,down", "LoRA: comma-separated matrices adapted in every decoder layer: "
+                                                   "attention q, k, v, o; MLP gate, up, down")
     no_remat: bool = _f(False, "keep every layer's activations for the backward pass instead of recomputing "
                                "the layer (and re-gathering its weights): faster, but memory grows with depth")
     # Run directory, checkpoints, logs, exports.
@@ -103,7 +112,8 @@ class Config:
     sample_instruction: str = _f("", "after training, answer this instruction with the exported model and print it")
     sample_tokens: int = _f(128, "most new tokens of that answer")
     preset: str = _f("", "start from a named set of flags, flags given explicitly still win: 'demo' = "
-                        "stories260K on the Alpaca sample in tests/assets, 60 steps on CPU in a few minutes")
+                        "stories260K on the Alpaca sample in tests/assets, 60 steps on CPU in a few minutes; "
+                        "'alpaca-lora' = Levanter's Alpaca-LoRA (rank 8, alpha 8, all seven matrices, lr 3e-4)")
 
 
 class InputError(Exception):
@@ -139,6 +149,38 @@ def check_config(c):
             raise InputError(f"--{name} must be at least 1, got {getattr(c, name)}")
     if not 0 <= c.warmup_ratio <= 1:
         raise InputError(f"--warmup_ratio must be in [0, 1], got {c.warmup_ratio}")
+    if c.lora_rank < 0:
+        raise InputError(f"--lora_rank must be >= 0 (0 = full fine-tune), got {c.lora_rank}")
+    if not c.lora_alpha > 0:
+        raise InputError(f"--lora_alpha must be positive, got {c.lora_alpha}")
+    lora_targets(c)
+
+
+def lora_targets(c):
+    """The --lora_targets names, checked."""
+    import llama
+    names = [t.strip() for t in c.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in llama.LORA_TARGETS]
+    if unknown or not names:
+        raise InputError(f"--lora_targets {c.lora_targets!r}: unknown {unknown or 'empty'}; choose from "
+                         f"{','.join(llama.LORA_TARGETS)}")
+    return tuple(t for t in llama.LORA_TARGETS if t in names)
+
+
+def lora_config(c, mc):
+    """The llama.LoraConfig of the flags (None for a full fine-tune), checked against the model: the rank may
+    not exceed the smallest dimension of a matrix it adapts (then A B could not be low-rank)."""
+    import llama
+    if not c.lora_rank:
+        return None
+    lc = llama.LoraConfig(rank=c.lora_rank, alpha=c.lora_alpha, targets=lora_targets(c))
+    shapes = llama.lora_shapes(mc, lc)["layers"]
+    for t in lc.targets:
+        n_in, n_out = shapes[llama.LORA_TARGETS[t]]["a"][1], shapes[llama.LORA_TARGETS[t]]["b"][2]
+        if c.lora_rank > min(n_in, n_out):
+            raise InputError(f"--lora_rank {c.lora_rank} is larger than the smallest dimension of a matrix it adapts: "
+                             f"{t} is [{n_in}, {n_out}] in this model")
+    return lc
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,7 +755,7 @@ def check_shared_out(out):
 # Flags that change what a run computes: a checkpoint written under other values is refused.
 RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
                "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
-               "seed", "param_dtype", "compute_dtype", "data_parallel")
+               "seed", "param_dtype", "compute_dtype", "data_parallel", "lora_rank", "lora_alpha", "lora_targets")
 
 
 def _leaves_with_names(tree):
@@ -795,21 +837,66 @@ def data_hash(examples):
     return h.hexdigest()[:32]
 
 
-def check_resumable(meta, c, model_config, fingerprint, where):
+def weights_fingerprint(model_dir):
+    """A fingerprint of a checkpoint's weights, cheap at any size: each tensor's name, shape and dtype, and 16
+    of its rows spread evenly, read from the safetensors files. A LoRA checkpoint holds only the adapters; this
+    is how a resume knows that --model still holds the base weights they were trained on."""
+    import llama
+    from safetensors import safe_open
+    _, where, expected = llama.check_checkpoint(model_dir)
+    h = hashlib.sha256()
+    for file in sorted(set(where[name] for name in expected)):
+        with safe_open(file, framework="numpy") as f:
+            for name in sorted(n for n in expected if where[n] == file):
+                sl = f.get_slice(name)
+                shape = sl.get_shape()
+                h.update(f"{name} {shape} {sl.get_dtype()}".encode())
+                for r in sorted(set(np.linspace(0, shape[0] - 1, 16).astype(int))):
+                    h.update(np.ascontiguousarray(sl[int(r):int(r) + 1]).tobytes())
+    return h.hexdigest()[:32]
+
+
+def check_resumable(meta, c, model_config, fingerprint, where, base_fingerprint=None):
     """Refuse a checkpoint whose run computed something else, naming the first settings that differ."""
     import jax
-    diffs = [f"--{k} {meta['config'].get(k)!r} (this run: {getattr(c, k)!r})"
-             for k in RESUME_KEYS if meta["config"].get(k) != getattr(c, k)]
+    saved = {k: meta["config"].get(k, Config.__dataclass_fields__[k].default) for k in RESUME_KEYS}
+    if bool(saved["lora_rank"]) != bool(c.lora_rank):
+        kind = {False: "a full fine-tune (all weights)", True: "LoRA (adapters only)"}
+        raise InputError(f"{where} is a checkpoint of {kind[bool(saved['lora_rank'])]}, and this run is "
+                         f"{kind[bool(c.lora_rank)]} (--lora_rank {c.lora_rank}): one cannot resume the other. Use "
+                         f"--lora_rank {saved['lora_rank']} to resume, or another --out to start afresh.")
+    diffs = [f"--{k} {saved[k]!r} (this run: {getattr(c, k)!r})" for k in RESUME_KEYS if saved[k] != getattr(c, k)]
     if meta["model_config"] != dataclasses.asdict(model_config):
         diffs.append("the model's config.json")
     if meta.get("data_hash") != fingerprint:
         diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
+    if meta.get("base_fingerprint") != base_fingerprint:
+        diffs.append("the base model's weights (--model holds other weights than those the adapters were trained on)")
     if meta["processes"] != jax.process_count() or meta["devices"] != jax.device_count():
         diffs.append(f"{meta['processes']} processes x {meta['devices']} devices "
                      f"(this run: {jax.process_count()} x {jax.device_count()})")
     if diffs:
         raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
                          ". Use the same settings to resume, or another --out to start afresh.")
+
+
+def checkpoint_like(mc, mesh, shapes, specs, lc):
+    """What a checkpoint holds, as jax.ShapeDtypeStructs with their shardings, for load_checkpoint: the
+    parameters (shapes, specs) or, with LoRA (lc), the adapters alone; and their AdamW state."""
+    import jax
+    import jax.numpy as jnp
+    import llama
+    import sharding
+    from jax.sharding import NamedSharding
+    if lc:
+        key, trained = "lora", jax.tree.map(lambda s, sp: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, sp)),
+                                            llama.lora_shapes(mc, lc), sharding.lora_specs(mc, lc),
+                                            is_leaf=lambda s: isinstance(s, tuple))
+    else:
+        key, trained = "params", jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, specs)
+    m = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), trained)
+    count = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    return {key: trained, "opt_state": {"mu": m, "nu": m, "step": count}}
 
 
 def load_checkpoint(out, step, like):
@@ -844,7 +931,9 @@ def load_checkpoint(out, step, like):
 # Model FLOPs per token for MFU (nanoGPT/PaLM convention): 6 N for the matmuls of the forward and backward
 # pass (N = matmul weights, LM head included, embedding lookup excluded) plus the attention scores and
 # values, 6 L H E per pair of (query, earlier key) of the same example. Only useful work is counted: the
-# masked-out blocks that plain attention computes across packed examples are not.
+# masked-out blocks that plain attention computes across packed examples are not. With LoRA the frozen
+# matrices get no weight gradient: 4 N (forward, and the backward's activation gradients); the adapters' own
+# FLOPs (under 1% at rank 8) are left out.
 
 PEAK_TFLOPS = {  # dense bf16 per jax device, from the datasheets
     "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
@@ -859,13 +948,13 @@ def peak_tflops(device, override):
     return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
 
 
-def step_flops(mc, example_lengths):
+def step_flops(mc, example_lengths, frozen_weights=False):
     D, L, V = mc.hidden_size, mc.num_hidden_layers, mc.vocab_size
     HE, KE = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
     n_matmul = L * (2 * D * HE + 2 * D * KE + 3 * D * mc.intermediate_size) + D * V
     lengths = np.asarray(example_lengths, np.float64)
     pairs = float(np.sum(lengths * (lengths + 1) / 2))
-    return 6 * n_matmul * float(lengths.sum()) + 6 * L * HE * 2 * pairs
+    return (4 if frozen_weights else 6) * n_matmul * float(lengths.sum()) + 6 * L * HE * 2 * pairs
 
 
 def _log_line(m, total):
@@ -903,6 +992,7 @@ def train(c):
         mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
     except (llama.CheckpointError, OSError) as e:
         raise InputError(f"--model {c.model}: {e}")
+    lc = lora_config(c, mc)
     if c.seq_len > mc.max_position_embeddings:
         raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
                          f"({mc.max_position_embeddings})")
@@ -944,18 +1034,20 @@ def train(c):
                                grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
                                total_steps=steps)
     param_dtype = jnp.dtype(c.param_dtype)
-    if param_dtype != jnp.float32:
+    if param_dtype != jnp.float32 and not lc:
         say(f"warning: --param_dtype {c.param_dtype} keeps the master weights in {c.param_dtype}: an update smaller "
             f"than ~1/256 of a weight is rounded away (at lr {c.lr:g} most of them are). Stanford's recipe and the "
             "default keep float32; use this only when memory forces it")
     step_fn = sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
-                                       num_micro_batches=micro, remat=not c.no_remat)
+                                       num_micro_batches=micro, remat=not c.no_remat, lora=lc)
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
                           is_leaf=lambda s: isinstance(s, tuple))
     specs = sharding.param_specs(shapes, mesh)
     lengths = example_lengths(examples)
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
             "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples)}
+    if lc:
+        meta["base_fingerprint"] = weights_fingerprint(model_dir)
 
     check_shared_out(c.out)
     done = list_checkpoints(c.out)
@@ -967,19 +1059,21 @@ def train(c):
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     if start:
         where = os.path.join(c.out, "checkpoints", f"step_{start:08d}")
-        check_resumable(read_checkpoint_meta(c.out, start), c, mc, meta["data_hash"], where)
-        # What to read into: the shapes and shardings of params and of sharding.init_opt_state's state.
-        p = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, specs)
-        m = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), p)
-        count = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        like = {"params": p, "opt_state": {"mu": m, "nu": m, "step": count}}
-        state = load_checkpoint(c.out, start, like)
-        params, opt_state = state["params"], state["opt_state"]
+        check_resumable(read_checkpoint_meta(c.out, start), c, mc, meta["data_hash"], where,
+                        meta.get("base_fingerprint"))
+        state = load_checkpoint(c.out, start, checkpoint_like(mc, mesh, shapes, specs, lc))
+        params, adapters, opt_state = state.get("params"), state.get("lora"), state["opt_state"]
         say(f"resuming from {where} (step {start} of {steps})")
     else:
-        say(f"loading {c.model} ...")
+        params = None
+    if params is None:  # a fresh start, or LoRA, whose checkpoints never hold the (frozen) base weights
+        say(f"loading {c.model} {'(frozen) ' if lc else ''}...")
         _, params = llama.load_hf(model_dir, dtype=param_dtype, shardings=specs)
-        opt_state = sharding.init_opt_state(params)
+    if not start:
+        adapters = sharding.init_lora_params(mc, lc, jax.random.key(c.seed), mesh) if lc else None
+        opt_state = sharding.init_opt_state(params if adapters is None else adapters)
+    if lc:
+        say(lora_summary(lc, mc, c.param_dtype))
     if start >= steps:
         say(f"all {steps} steps are done")
 
@@ -1015,14 +1109,18 @@ def train(c):
         return lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
 
     def checkpoint(k):
-        path = save_checkpoint(c.out, k, {"params": params, "opt_state": opt_state}, meta, c.keep_checkpoints)
+        trained = {"params": params} if adapters is None else {"lora": adapters}  # LoRA: never the frozen base
+        path = save_checkpoint(c.out, k, {**trained, "opt_state": opt_state}, meta, c.keep_checkpoints)
         say(f"checkpoint {path}")
 
     t_window, tokens_window, flops_window, last_logged, step_times = time.time(), 0, 0.0, start, []
     batch = batch_of(start) if start < steps else None
     for k in range(start, steps):
         t0 = time.time()
-        params, opt_state, m = step_fn(params, opt_state, batch)
+        if adapters is None:
+            params, opt_state, m = step_fn(params, opt_state, batch)
+        else:  # the base weights are an argument of the step, never changed
+            adapters, opt_state, m = step_fn(adapters, opt_state, batch, params)
         batch = batch_of(k + 1) if k + 1 < steps else None  # the host builds the next batch meanwhile
         m = {key: float(v) for key, v in jax.device_get(m).items()}
         if k == start:
@@ -1037,7 +1135,7 @@ def train(c):
         step = k + 1
         lens = lengths_of(k)
         tokens_window += int(lens.sum())
-        flops_window += step_flops(mc, lens)
+        flops_window += step_flops(mc, lens, frozen_weights=bool(lc))
         if step % c.log_every == 0 or step == steps:
             now = time.time()
             dt = max(now - t_window, 1e-9)
@@ -1061,10 +1159,10 @@ def train(c):
             say(f"SIGTERM: checkpoint written at step {step}; exiting so that a supervisor restarts the run")
             return 143
         if c.hf_save_steps and step % c.hf_save_steps == 0 and step < steps:
-            export_hf(c, mc, params, model_dir, os.path.join(hf_root(c), f"step_{step:08d}"), say)
+            export_hf(c, mc, params, model_dir, os.path.join(hf_root(c), f"step_{step:08d}"), say, adapters)
 
     final = os.path.join(hf_root(c), "final")
-    export_hf(c, mc, params, model_dir, final, say)
+    export_hf(c, mc, params, model_dir, final, say, adapters)
     if jax.process_count() > 1:
         # What is left (upload, sample) is process 0's alone, on its own devices. Leave the distributed
         # system together now: at exit, the others would wait for process 0 at jax.distributed's shutdown
@@ -1077,6 +1175,18 @@ def train(c):
         say(f"\n### Instruction:\n{c.sample_instruction}\n\n### Response (the fine-tuned model, greedy):")
         say(respond(final, c.sample_instruction, "", max_new_tokens=c.sample_tokens))
     return status
+
+
+def lora_summary(lc, mc, param_dtype):
+    import jax
+    import llama
+
+    def count(shapes):
+        return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
+
+    n, total = count(llama.lora_shapes(mc, lc)), count(llama.param_shapes(mc))
+    return (f"LoRA: rank {lc.rank}, alpha {lc.alpha:g} (scale {lc.scale:g}) on {','.join(lc.targets)}: {n:,} trainable "
+            f"parameters ({n / total:.2%} of {total:,}); the base weights are frozen in {param_dtype}")
 
 
 class TrainingDiverged(Exception):
@@ -1102,8 +1212,10 @@ def hf_root(c):
     return c.hf_save_path or os.path.join(c.out, "hf")
 
 
-def export_hf(c, mc, params, model_dir, path, say):
-    """Every process calls this (the per-tensor gathers are collective); process 0 writes."""
+def export_hf(c, mc, params, model_dir, path, say, adapters=None):
+    """Every process calls this (the per-tensor gathers are collective); process 0 writes. With LoRA
+    adapters: `path` gets the merged model (W + alpha/r A B: a plain Llama) and `path`-adapter the PEFT
+    adapter directory, whose adapter_config.json names --model as the base (a local one by its absolute path)."""
     import jax.numpy as jnp
     import llama
     tok = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -1112,9 +1224,15 @@ def export_hf(c, mc, params, model_dir, path, say):
     gen = {"bos_token_id": mc.bos_token_id, "eos_token_id": mc.eos_token_id, "do_sample": False}
     extra = {"tokenizer_config.json": tok, "generation_config.json": gen,
              "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}}
-    llama.save_hf(path, mc, params, dtype=jnp.dtype(c.hf_dtype), extra_files=extra,
-                  copy_files=[tokenizer_path(c.tokenizer or model_dir)])
-    say(f"exported Hugging Face checkpoint to {path}")
+    tokenizer = [tokenizer_path(c.tokenizer or model_dir)]
+    lc = lora_config(c, mc)
+    llama.save_hf(path, mc, params, dtype=jnp.dtype(c.hf_dtype), extra_files=extra, copy_files=tokenizer,
+                  lora=adapters, lora_scale=lc.scale if lc else 1.0)
+    say(f"exported Hugging Face checkpoint to {path}{' (LoRA merged)' if lc else ''}")
+    if lc:
+        base = os.path.abspath(c.model) if os.path.isdir(c.model) else c.model
+        llama.save_peft(f"{path}-adapter", mc, lc, adapters, base_model=base, copy_files=tokenizer, extra_files=extra)
+        say(f"exported PEFT adapter to {path}-adapter")
 
 
 def upload_hf(path, repo_id, say):
@@ -1131,12 +1249,25 @@ def upload_hf(path, repo_id, say):
     return 0
 
 
+def load_for_generation(model):
+    """(config, float32 params, directory holding the tokenizer) of a Hugging Face checkpoint, or of a PEFT
+    adapter directory merged into the base model its adapter_config.json names."""
+    import llama
+    path = llama.resolve_model_path(model)
+    if not os.path.exists(os.path.join(path, "adapter_config.json")):
+        return (*llama.load_hf(path), path)
+    lc, base = llama.read_peft_config(path)
+    base_path = llama.resolve_model_path(base)
+    mc, params = llama.load_hf(base_path)
+    params = llama.merge_lora_params(params, llama.load_peft(path, mc, lc), lc.scale)
+    return mc, params, path if os.path.exists(os.path.join(path, "tokenizer.model")) else base_path
+
+
 def respond(model, instruction, input_text="", *, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
     """The model's answer to one Alpaca-formatted instruction: prompt with BOS, generate, cut at EOS."""
     import jax
     import llama
-    path = llama.resolve_model_path(model)
-    mc, params = llama.load_hf(path)
+    mc, params, path = load_for_generation(model)
     sp = load_tokenizer(path)
     ids = [sp.bos_id()] + sp.encode(format_prompt({"instruction": instruction, "input": input_text}))
     context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
@@ -1156,7 +1287,8 @@ def generate_main(argv):
     p = argparse.ArgumentParser(prog="alpaca.py generate",
                                 description="Answer an instruction with a checkpoint, through the Alpaca template.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="Hugging Face model directory or Hub repo id")
+    p.add_argument("--model", required=True, help="Hugging Face model directory or Hub repo id, or a PEFT LoRA "
+                                                  "adapter (merged into the base model its adapter_config.json names)")
     p.add_argument("--instruction", required=True)
     p.add_argument("--input", default="", help="optional context for the instruction")
     p.add_argument("--max_new_tokens", type=int, default=256)
@@ -1192,6 +1324,11 @@ PRESETS = {
                  seq_len=512, max_len=512, batch_size=32, steps=60, lr=1e-3, warmup_ratio=0.05,
                  compute_dtype="float32", hf_dtype="float32", out="runs/demo", log_every=5, checkpoint_every=20,
                  sample_instruction="Give three tips for staying healthy.", sample_tokens=64),
+    # Levanter's Alpaca-LoRA (examples/alpaca-lora/alpaca-lora-llama2.yaml and its LoraConfig defaults): rank 8,
+    # alpha 8, no dropout, every linear matrix of the decoder, lr 3e-4, no weight decay; with this file's
+    # defaults for the rest (Llama-2-7B, 3 epochs of ~128 examples a step, 3% warmup then cosine).
+    "alpaca-lora": dict(lora_rank=8, lora_alpha=8.0, lora_targets="q,k,v,o,gate,up,down", lr=3e-4,
+                        weight_decay=0.0, out="runs/alpaca-lora"),
 }
 
 
@@ -1205,7 +1342,10 @@ def parse_config(argv):
         # Paths of a preset are relative to this file, so the demo runs from any directory.
         defaults = {k: (os.path.join(here, v) if k in ("model", "data") else v) for k, v in PRESETS[preset].items()}
         parser.set_defaults(**defaults)
-    return Config(**vars(parser.parse_args(argv)))
+    c = Config(**vars(parser.parse_args(argv)))
+    if not c.param_dtype:  # LoRA keeps the frozen base in bfloat16: nothing is added to it, so nothing is lost
+        c = dataclasses.replace(c, param_dtype="bfloat16" if c.lora_rank else "float32")
+    return c
 
 
 def main(argv=None):

@@ -1,9 +1,12 @@
-"""The short training command that tests/test_train.py and tests/test_multihost.py run in subprocesses:
-the real stories260K model on 48 real Alpaca records, 6 float32 steps of 8 rows x 256 tokens, rows planned
-for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same batches."""
+"""The short training command that tests/test_train.py, tests/test_lora.py and tests/test_multihost.py run in
+subprocesses: the real stories260K model on 48 real Alpaca records, 6 float32 steps of 8 rows x 256 tokens,
+rows planned for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same
+batches."""
 
 import json
 import os
+import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "tests", "assets")
@@ -29,3 +32,26 @@ def logged_step(line):
         return json.loads(line)["step"]
     except ValueError:
         return -1
+
+
+def env_for(devices, workdir, **extra):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["HF_HUB_OFFLINE"] = "1"
+    # The same program compiles once for all subprocesses of a test module.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir / "jax-cache")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env.update(extra)
+    return env
+
+
+def start(args, env):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "alpaca.py"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(args, env, timeout=300):
+    p = start(args, env)
+    out, _ = p.communicate(timeout=timeout)
+    return p.returncode, out

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, logged_step, run_args, write_data
+from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, env_for, logged_step, run, run_args, start, write_data
 
 
 @pytest.fixture(scope="module")
@@ -19,29 +19,6 @@ def workdir(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
     write_data(d)
     return d
-
-
-def env_for(devices, workdir, **extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    env["HF_HUB_OFFLINE"] = "1"
-    # The same program compiles once for all subprocesses of this module.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir / "jax-cache")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env.update(extra)
-    return env
-
-
-def start(args, env):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "alpaca.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def run(args, env, timeout=300):
-    p = start(args, env)
-    out, _ = p.communicate(timeout=timeout)
-    return p.returncode, out
 
 
 def losses(out):
