@@ -86,9 +86,9 @@ class Config:
                               "state are float32)")
     compute_dtype: str = _f("bfloat16", "dtype of the forward and backward matmuls")
     # LoRA: train low-rank adapters of the decoder's matrices on the frozen base (see sharding.py).
-    lora_rank: int = _f(0, "LoRA rank r: train adapters A [in, r], B [r, out] of the --lora_targets matrices, the base "
-                           "weights frozen; 0 = full fine-tune. Exports both a PEFT adapter (DIR/NAME-adapter) and the "
-                           "merged model (DIR/NAME)")
+    lora_rank: int = _f(0, "LoRA rank r: train adapters A [in, r], B [r, out] of the --lora_targets matrices, the "
+                           "base weights frozen; 0 = full fine-tune. Each export is then both the merged model (e.g. "
+                           "OUT/hf/final) and a PEFT adapter (OUT/hf/final-adapter)")
     lora_alpha: float = _f(8.0, "LoRA scale numerator: the update x A B is multiplied by lora_alpha / lora_rank")
     lora_targets: str = _f("q,k,v,o,gate,up,down", "LoRA: comma-separated matrices adapted in every decoder layer: "
                                                    "attention q, k, v, o; MLP gate, up, down")
@@ -889,11 +889,12 @@ def checkpoint_like(mc, mesh, shapes, specs, lc):
     import sharding
     from jax.sharding import NamedSharding
     if lc:
-        key, trained = "lora", jax.tree.map(lambda s, sp: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, sp)),
-                                            llama.lora_shapes(mc, lc), sharding.lora_specs(mc, lc),
-                                            is_leaf=lambda s: isinstance(s, tuple))
+        key, trained = "lora", jax.tree.map(
+            lambda s, sp: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, sp)),
+            llama.lora_shapes(mc, lc), sharding.lora_specs(mc, lc), is_leaf=lambda s: isinstance(s, tuple))
     else:
-        key, trained = "params", jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, specs)
+        key, trained = "params", jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                              shapes, specs)
     m = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), trained)
     count = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return {key: trained, "opt_state": {"mu": m, "nu": m, "step": count}}

@@ -2,7 +2,8 @@
 
 Read top to bottom: the mesh, the partition table, the two collectives that make FSDP (all-gather a
 layer's weights before use; its gradient is a reduce-scatter), AdamW by hand, and the train step that
-puts them together. llama.py never mentions devices: everything about them is in this file.
+puts them together, for every weight or (LoRA) for low-rank adapters on frozen weights. llama.py never
+mentions devices: everything about them is in this file.
 
 One step, walked through for Llama-2-7B on a TPU v3-32
 -----------------------------------------------------

@@ -162,6 +162,9 @@ def datasheet_peak(dtype):
 
 
 def time_jax(name, mc, examples, plan, args, peaks, mode):
+    """mode packed or no_pack: the full fine-tune step on `plan`'s rows. mode lora: the LoRA step
+    (--lora_rank, alpha = rank, all seven matrices) on the same rows, the base weights in the compute dtype,
+    so that what differs from packed is only what is trained and differentiated."""
     mesh = sharding.make_mesh()
     n_dev = mesh.shape["fsdp"]
     R, T = plan["rows_per_step"], plan["seq_len"]
@@ -169,27 +172,32 @@ def time_jax(name, mc, examples, plan, args, peaks, mode):
         return emit({"config": name, "mode": mode, "skipped": f"{R} rows do not split over {n_dev} devices"})
     vocab_examples = {**examples, "tokens": examples["tokens"] % mc.vocab_size}
     cdt = jnp.dtype(args.compute_dtype)
-    params = sharding.init_sharded_params(mc, jax.random.key(0), mesh)
-    opt_state = sharding.init_opt_state(params)
+    lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
+    params = sharding.init_sharded_params(mc, jax.random.key(0), mesh, dtype=cdt if lora else jnp.float32)
+    # The step updates `trained` (all weights, or the adapters); `frozen` is the LoRA step's base argument.
+    trained, frozen = (sharding.init_lora_params(mc, lora, jax.random.key(1), mesh), (params,)) if lora else (params, ())
+    opt_state = sharding.init_opt_state(trained)
     opt = sharding.AdamWConfig(lr=1e-5, warmup_steps=1, total_steps=10_000)
-    step = sharding.make_train_step(mc, mesh, opt, compute_dtype=cdt, remat=args.remat == "on")
+    step = sharding.make_train_step(mc, mesh, opt, compute_dtype=cdt, remat=args.remat == "on", lora=lora)
     n_steps = args.warmup + args.steps
     batches = [sharding.shard_batch(alpaca.make_batch(vocab_examples, plan, k), mesh) for k in range(n_steps)]
 
     t0 = time.perf_counter()
-    compiled = step.lower(params, opt_state, batches[0]).compile()
+    compiled = step.lower(trained, opt_state, batches[0], *frozen).compile()
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     times = []
     for k in range(n_steps):
         t0 = time.perf_counter()
-        params, opt_state, m = compiled(params, opt_state, batches[k])
+        trained, opt_state, m = compiled(trained, opt_state, batches[k], *frozen)
         loss = float(m["loss"])  # waits for the step
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
         raise RuntimeError(f"{name} {mode}: loss {loss}")
     stats = jax.devices()[0].memory_stats() or {}
     rec = summarize(name, mode, mc, examples, plan, times[args.warmup:], range(args.warmup, n_steps), peaks, n_dev)
+    if lora:
+        rec["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": ",".join(lora.targets)}
     rec.update({"compile_s": round(compile_s, 2), "first_step_s": round(times[0], 3), "devices": n_dev,
                 "rows": R, "seq_len": T, "remat": args.remat, "compute_dtype": str(cdt),
                 "step_memory_bytes": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
@@ -199,13 +207,53 @@ def time_jax(name, mc, examples, plan, args, peaks, mode):
     return emit(rec)
 
 
+def memory_plan(name, mc, args, mode):
+    """XLA's per-device memory_analysis of the train step compiled for abstract inputs (nothing is allocated
+    or run): mode packed, the full fine-tune (float32 weights and AdamW state, float32 gradients); mode lora,
+    the frozen base in --memory_base_dtype (bfloat16: alpaca.py's default with --lora_rank) and float32
+    adapters (rank --lora_rank, all seven matrices) with their AdamW state. --memory_rows rows of --seq_len in --memory_micro_batches
+    passes, compute in --compute_dtype. On CPU this is XLA:CPU's buffer assignment: an estimate of an
+    accelerator's, not a measurement of one."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    mesh = sharding.make_mesh()
+    lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
+
+    def placed(shapes, specs, dtype):
+        return jax.tree.map(lambda s, sp: jax.ShapeDtypeStruct(s, dtype, sharding=NamedSharding(mesh, sp)), shapes,
+                            specs, is_leaf=lambda s: isinstance(s, tuple))
+
+    shapes = llama.param_shapes(mc)
+    params = placed(shapes, sharding.partition_specs(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
+                                                                  is_leaf=lambda s: isinstance(s, tuple)), mesh),
+                    jnp.dtype(args.memory_base_dtype) if lora else jnp.float32)
+    trained, frozen = (placed(llama.lora_shapes(mc, lora), sharding.lora_specs(mc, lora), jnp.float32), (params,)) \
+        if lora else (params, ())
+    moments = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trained)
+    opt_state = {"mu": moments, "nu": moments,
+                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))}
+    rows = (args.memory_rows, args.seq_len)
+    batch = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
+    step = sharding.make_train_step(mc, mesh, sharding.AdamWConfig(), compute_dtype=jnp.dtype(args.compute_dtype),
+                                    num_micro_batches=args.memory_micro_batches, remat=args.remat == "on", lora=lora)
+    t0 = time.perf_counter()
+    mem = step.lower(trained, opt_state, batch, *frozen).compile().memory_analysis()
+    return emit({"config": name, "mode": mode, "memory_only": True, "devices": mesh.shape["fsdp"], "rows": args.memory_rows,
+                 "seq_len": args.seq_len, "micro_batches": args.memory_micro_batches, "compute_dtype": args.compute_dtype,
+                 "remat": args.remat, "lora_rank": lora and lora.rank, "base_dtype": str(params["embed"].dtype), "compile_s": round(time.perf_counter() - t0, 1),
+                 "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+                 "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+                 "total_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - mem.alias_size_in_bytes})
+
+
 def summarize(name, mode, mc, examples, plan, times, step_ids, peaks, n_dev):
     """s_per_step is the median step time (robust to a busy machine); every rate is a total over the timed
     steps divided by their total time, so that steps holding more or fewer tokens weigh as they should."""
     cs = [counts(examples, plan, k) for k in step_ids]
     total_t = float(np.sum(times))
     tot = {key: float(np.sum([c[key] for c in cs])) for key in ("real", "loss", "slots", "examples")}
-    flops = float(np.sum([alpaca.step_flops(mc, c["lengths"]) for c in cs]))
+    flops = float(np.sum([alpaca.step_flops(mc, c["lengths"], frozen_weights=mode == "lora") for c in cs]))
     # Virtual CPU devices share the same cores: the measured peak is the machine's, not one device's.
     n_dev = 1 if jax.default_backend() == "cpu" else n_dev
     rec = {"config": name, "mode": mode, "params": n_params(mc), "examples_per_step": tot["examples"] / len(cs),
@@ -349,8 +397,19 @@ def main(argv=None):
                                                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()))
     p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (s/step: their median; rates: totals over total time)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-    p.add_argument("--modes", default="", help="which of packed, no_pack, hf to run; '' = packed,no_pack,hf "
-                                                "for tiny, packed,hf for the others")
+    p.add_argument("--modes", default="", help="which of packed, no_pack, hf, lora to run; '' = packed,no_pack,hf "
+                                                "for tiny, packed,hf for the others. lora: the LoRA step on the "
+                                                "packed rows (compared with packed: the same model and batch)")
+    p.add_argument("--lora_rank", type=int, default=8, help="rank of the lora mode (alpha = rank, all seven matrices)")
+    p.add_argument("--memory_only", action="store_true",
+                   help="compile the steps of --modes (packed, lora) for --memory_rows rows of --seq_len on the "
+                        "devices here and print XLA's per-device memory_analysis; nothing is run, no data read")
+    p.add_argument("--memory_rows", type=int, default=8, help="rows of a step for --memory_only")
+    p.add_argument("--memory_micro_batches", type=int, default=1, help="micro-batches of a step for --memory_only")
+    p.add_argument("--memory_base_dtype", default="bfloat16",
+                   help="--memory_only: dtype of the lora mode's frozen base (XLA:CPU turns a bfloat16 base into a "
+                        "float32 copy for its float32 matmuls: give float32 with --compute_dtype float32 to see the "
+                        "temporaries without that copy)")
     p.add_argument("--remat", choices=("on", "off"), default="on",
                    help="jax.checkpoint per layer, as alpaca.py trains (on); off saves the recompute where memory allows")
     p.add_argument("--compute_dtype", default="", help="'' = float32 on CPU (bf16 is no faster there), bfloat16 elsewhere")
@@ -360,6 +419,17 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.compute_dtype:
         args.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+    if args.memory_only:
+        for name in args.configs.split(","):
+            mc = dataclasses.replace(CONFIGS[name], max_position_embeddings=max(args.seq_len, 2048))
+            for mode in (args.modes or "packed,lora").split(","):
+                r = memory_plan(name, mc, args, mode)
+                print(f"{name} {mode}: {r['devices']} device(s), {r['rows']} rows x {r['seq_len']} in "
+                      f"{r['micro_batches']} pass(es): arguments {r['argument_bytes'] / 1e9:.2f} GB + temporaries "
+                      f"{r['temp_bytes'] / 1e9:.2f} GB (+ outputs not aliased to arguments) = {r['total_bytes'] / 1e9:.2f} "
+                      f"GB per device (XLA:{jax.default_backend().upper()} buffer assignment)")
+        return
 
     t_start = time.time()
     import jaxlib
@@ -383,6 +453,8 @@ def main(argv=None):
         packed, padded = step_plans(examples, batch_size=bs, seq_len=args.seq_len, steps=args.warmup + args.steps)
         if "packed" in modes:
             results.append(time_jax(name, mc, examples, packed, args, peaks, "packed"))
+        if "lora" in modes:
+            results.append(time_jax(name, mc, examples, packed, args, peaks, "lora"))
         if "no_pack" in modes:
             results.append(time_jax(name, mc, examples, padded, args, peaks, "no_pack"))
         if "hf" in modes:
@@ -435,6 +507,11 @@ def main(argv=None):
                               "real_tokens_per_s": round(pk["real_tokens_per_s"] / o["real_tokens_per_s"], 2)})
                 print(f"{name}: packed is {ratio['loss_tokens_per_s']:.2f}x {other} in loss tokens/s, "
                       f"{ratio['real_tokens_per_s']:.2f}x in real tokens/s")
+        lo = by.get((name, "lora"))
+        if pk and lo:
+            ratio = emit({"config": name, "ratio": "lora / packed", "s_per_step": round(lo["s_per_step"] / pk["s_per_step"], 3)})
+            print(f"{name}: a LoRA step (rank {args.lora_rank}, all seven matrices) takes {ratio['s_per_step']:.2f}x "
+                  f"the time of a full fine-tune step on the same rows (median s/step)")
     print("\npacking (alpaca.py planner, 128 examples a step): " + "; ".join(
         f"{r['seq_len']}: {r['rows_per_step']} rows, {100 * r['packing_efficiency']:.1f}% real"
         for r in pack_rows[:-1]) + f"; Stanford's pad to longest of 4: {100 * longest4:.1f}% real")

@@ -39,8 +39,9 @@ def test_adapters_match_peft_logits_loss_and_gradients(tmp_path):
     lora = nonzero_adapters(c, lc)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, c.vocab_size, (2, 24)).astype(np.int32)
-    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1), "loss_mask": (rng.random((2, 24)) < 0.6).astype(np.float32),
-             "segment_ids": np.ones((2, 24), np.int32), "positions": np.broadcast_to(np.arange(24, dtype=np.int32), (2, 24))}
+    batch = {"tokens": tokens, "targets": np.roll(tokens, -1, axis=1),
+             "loss_mask": (rng.random((2, 24)) < 0.6).astype(np.float32), "segment_ids": np.ones((2, 24), np.int32),
+             "positions": np.broadcast_to(np.arange(24, dtype=np.int32), (2, 24))}
 
     def mean_loss(ad):
         loss_sum, n = llama.loss_fn(params, batch, c, lora=ad, lora_scale=lc.scale)
