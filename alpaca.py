@@ -88,7 +88,8 @@ class Config:
     # LoRA: train low-rank adapters of the decoder's matrices on the frozen base (see sharding.py).
     lora_rank: int = _f(0, "LoRA rank r: train adapters A [in, r], B [r, out] of the --lora_targets matrices, the "
                            "base weights frozen; 0 = full fine-tune. Each export is then both the merged model (e.g. "
-                           "OUT/hf/final) and a PEFT adapter (OUT/hf/final-adapter)")
+                           "OUT/hf/final) and a PEFT adapter (OUT/hf/final-adapter). LoRA wants a higher --lr than "
+                           "the full fine-tune's 2e-5 (Levanter and alpaca-lora use 3e-4: --preset alpaca-lora)")
     lora_alpha: float = _f(8.0, "LoRA scale numerator: the update x A B is multiplied by lora_alpha / lora_rank")
     lora_targets: str = _f("q,k,v,o,gate,up,down", "LoRA: comma-separated matrices adapted in every decoder layer: "
                                                    "attention q, k, v, o; MLP gate, up, down")
