@@ -841,10 +841,7 @@ def load_checkpoint(out, step, like):
 # ----------------------------------------------------------------------------------------------------
 # 9. Training
 #
-# Model FLOPs per token for MFU (nanoGPT/PaLM convention): 6 N for the matmuls of the forward and backward
-# pass (N = matmul weights, LM head included, embedding lookup excluded) plus the attention scores and
-# values, 6 L H E per pair of (query, earlier key) of the same example. Only useful work is counted: the
-# masked-out blocks that plain attention computes across packed examples are not.
+# MFU: model FLOPs (llama.train_flops) over the datasheet peak.
 
 PEAK_TFLOPS = {  # dense bf16 per jax device, from the datasheets
     "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
@@ -857,15 +854,6 @@ def peak_tflops(device, override):
         return override
     kind = getattr(device, "device_kind", "")
     return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
-
-
-def step_flops(mc, example_lengths):
-    D, L, V = mc.hidden_size, mc.num_hidden_layers, mc.vocab_size
-    HE, KE = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
-    n_matmul = L * (2 * D * HE + 2 * D * KE + 3 * D * mc.intermediate_size) + D * V
-    lengths = np.asarray(example_lengths, np.float64)
-    pairs = float(np.sum(lengths * (lengths + 1) / 2))
-    return 6 * n_matmul * float(lengths.sum()) + 6 * L * HE * 2 * pairs
 
 
 def _log_line(m, total):
@@ -1037,7 +1025,7 @@ def train(c):
         step = k + 1
         lens = lengths_of(k)
         tokens_window += int(lens.sum())
-        flops_window += step_flops(mc, lens)
+        flops_window += llama.train_flops(mc, lens)
         if step % c.log_every == 0 or step == steps:
             now = time.time()
             dt = max(now - t_window, 1e-9)

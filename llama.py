@@ -392,6 +392,27 @@ def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=Non
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
+# Model FLOPs of a training step, for MFU (nanoGPT/PaLM convention): 6 N per token for the matmuls of the
+# forward and backward passes (N = matmul weights, LM head included, embedding lookup excluded) plus the
+# attention scores and values, 6 H E per layer and pair of (query, earlier key) of the same example. Both
+# run per QUERY head: with grouped-query attention K < H kv heads shrink wk and wv (so N), not the pairs.
+# Only useful work is counted: the masked-out blocks that plain attention computes across packed examples,
+# padding and the remat recompute are not.
+
+
+def matmul_weights(c: LlamaConfig) -> int:
+    D, HE, KE = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return c.num_hidden_layers * (2 * D * HE + 2 * D * KE + 3 * D * c.intermediate_size) + D * c.vocab_size
+
+
+def train_flops(c: LlamaConfig, example_lengths) -> float:
+    """FLOPs of one forward + backward pass over examples of these lengths (tokens each), as above."""
+    lengths = np.asarray(example_lengths, np.float64)
+    pairs = float(np.sum(lengths * (lengths + 1) / 2))
+    HE = c.num_attention_heads * c.head_dim
+    return 6 * matmul_weights(c) * float(lengths.sum()) + 6 * c.num_hidden_layers * HE * 2 * pairs
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. Generation with a KV cache
 # ---------------------------------------------------------------------------------------------------------
