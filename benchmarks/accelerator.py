@@ -46,10 +46,11 @@ import sys
 import threading
 import time
 
-# jax takes 75% of a GPU's memory by default; the 7B step needs nearly all of it (this is set before jax
-# is imported, under the variable's old and new names, unless the caller chose a fraction).
+# jax takes 75% of a GPU's memory by default; the 7B step needs nearly all of it. Set before jax is
+# imported, unless the caller chose a fraction under either name (XLA_CLIENT_MEM_FRACTION is the newer
+# one; both at once is an error for jax's CUDA plugin, hence never add one next to the other).
 if not any(v in os.environ for v in ("XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_CLIENT_MEM_FRACTION")):
-    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = os.environ["XLA_CLIENT_MEM_FRACTION"] = "0.95"
+    os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.95"
 
 import bench  # noqa: E402  (benchmarks/bench.py: puts the repository on sys.path)
 import jax  # noqa: E402
