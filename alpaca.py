@@ -14,7 +14,9 @@ The file reads top to bottom:
   3. Prompts and tokens: the template, SentencePiece, the loss boundary, truncation, a disk cache.
   4. The plan: which examples go into which row of which step, a pure function of (seed, data).
   5. Batches: the [R, T] arrays of step k, or only the rows of this process (multi-host).
-  6. main: `--dry_run` prints data statistics; training arrives with issue 5.
+  6. From flags to data; 7. several hosts; 8. checkpoints; 9. training.
+  10. The memory plan: what one device holds at the peak of a step, XLA's figure, before any is rented.
+  11. Hugging Face export and generation; 12. main (`--dry_run`: the data plan and the memory plan).
 
 Bad input (flags, data, tokenizer) raises InputError with a message that names the flag, file or
 record; main prints it and exits with status 2.
@@ -106,7 +108,8 @@ class Config:
                               "(--data_parallel) to find the memory one device needs, print it and one JSON line "
                               "of statistics, exit (reads only config.json and the tokenizer, never the weights)")
     device_memory_gb: float = _f(0.0, "memory of one device in GB, for --dry_run's memory plan; 0 = the HBM of "
-                                      "the TPU/GPU here when known (on CPU: a table of common devices)")
+                                      "the TPU here, or the 75%% of a GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_"
+                                      "FRACTION), when known; on CPU a table of common devices")
     hf_save_path: str = _f("", "directory for Hugging Face exports: DIR/step_N every --hf_save_steps, DIR/final "
                                "at the end; '' = OUT/hf")
     hf_save_steps: int = _f(0, "steps between Hugging Face exports; 0 = only at the end")
@@ -1195,21 +1198,27 @@ def _preempted_anywhere():
 # reports compiled.memory_analysis(). The arguments are the parameter shards, the AdamW moments and the
 # batch (split by their known sizes); the temporaries hold the float32 gradient shards (their known size)
 # and the activations, the gathered bfloat16 weights and whatever else the step needs at its peak.
-# Compiling the 7B step takes minutes on 2 CPU cores, so every result is cached in --cache_dir.
+# Compiling the 7B step takes tens of seconds on 2 CPU cores, so every result is cached in --cache_dir.
 
 DEVICE_MEMORY_GB = {  # HBM per jax device (1e9 bytes), from the datasheets; a TPU v3 core has 16 GiB
     "TPU v3": 17.18, "TPU v4": 34.36, "TPU v5 lite": 17.18, "TPU v5e": 17.18, "TPU v5p": 102.0,
     "TPU v6 lite": 34.36, "TPU v6e": 34.36, "A100-SXM4-40GB": 40.0, "A100-PCIE-40GB": 40.0, "A100": 80.0,
     "H100": 80.0, "H200": 141.0,
 }
-COMMON_DEVICES = ["TPU v3", "TPU v5e", "TPU v4", "A100-SXM4-40GB", "A100", "H200"]  # the table printed on CPU
+COMMON_DEVICES = {"TPU v3 core": "TPU v3", "TPU v5e": "TPU v5e", "TPU v4": "TPU v4", "A100-40GB": "A100-SXM4-40GB",
+                  "A100-80GB": "A100", "H100": "H100", "H200": "H200"}  # the table printed on CPU: name -> kind
 
 
 def device_memory_gb(device, override):
+    """--device_memory_gb, else what a step may use on this device: a known TPU's HBM, or the part of a
+    known GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); None on CPU."""
     if override:
         return override
     kind = getattr(device, "device_kind", "")
-    return next((v for k, v in sorted(DEVICE_MEMORY_GB.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    gb = next((v for k, v in sorted(DEVICE_MEMORY_GB.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    if gb and getattr(device, "platform", "") == "gpu":
+        gb *= float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    return gb
 
 
 def abstract_train_inputs(mc, mesh, param_dtype, rows, seq_len):
@@ -1381,8 +1390,9 @@ def format_memory_plan(p):
         if not p["fits"] and not p.get("fixes"):
             lines.append("  no micro-batch, row length or device count tried fits: more devices, or a smaller model")
     else:
-        lines.append("  fits: " + ", ".join(f"{k} ({DEVICE_MEMORY_GB[k]:g} GB) {'yes' if p['total'] <= DEVICE_MEMORY_GB[k] * 1e9 else 'no'}"
-                                          for k in COMMON_DEVICES) + "; --device_memory_gb checks one")
+        fit = {name: "yes" if p["total"] <= DEVICE_MEMORY_GB[kind] * 1e9 else "no" for name, kind in COMMON_DEVICES.items()}
+        lines.append("  fits: " + ", ".join(f"{name} ({DEVICE_MEMORY_GB[COMMON_DEVICES[name]]:g} GB) {ok}"
+                                          for name, ok in fit.items()) + "; --device_memory_gb checks one")
     lines.append("  a planning estimate: buffer assignment on CPU, where this was compiled, differs a little "
                  "from a GPU's or TPU's")
     return "\n".join(lines)

@@ -45,6 +45,13 @@ def write_config(directory, size):
                    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", **LLAMA2[size]}, fh)
 
 
+def fix_text(fix):
+    gb = f"{fix['total'] / 1e9:.1f} GB"
+    if "data_parallel" in fix["changes"]:  # the same flags on a bigger machine
+        return f"{fix['devices']} such devices ({gb})"
+    return f"`{fix['flags']}` ({gb})"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="7B,13B")
@@ -70,14 +77,14 @@ def main():
                 info, plan = alpaca.plan_run(c)
                 rec = {"model": f"Llama-2-{size}", "machine": name, "devices": devices, "device_gb": gb,
                        "rows": plan["rows"], "seq_len": plan["seq_len"], "per_device_gb": round(plan["total"] / 1e9, 2),
-                       "fits": plan["fits"], "fixes": [f"{f['flags']} ({f['total'] / 1e9:.1f} GB)" for f in plan.get("fixes", [])],
+                       "fits": plan["fits"], "fixes": [fix_text(f) for f in plan.get("fixes", [])],
                        "seconds": round(time.time() - t0, 1)}
                 print(json.dumps(rec), flush=True)
                 rows.append(rec)
     print("\n| model | machine | devices x GB | per device at the defaults | fits | flags that make it fit (per device) |")
     print("|---|---|---|---:|---|---|")
     for r in rows:
-        fixes = "; ".join(f"`{f.split(' (')[0]}` ({f.split(' (')[1]}" for f in r["fixes"]) or ("" if r["fits"] else "none tried fits")
+        fixes = "; ".join(r["fixes"]) or ("" if r["fits"] else "none tried fits")
         print(f"| {r['model']} | {r['machine']} | {r['devices']} x {r['device_gb']:g} | {r['per_device_gb']:.1f} GB "
               f"({r['rows']} rows x {r['seq_len']}) | {'yes' if r['fits'] else 'no'} | {fixes} |")
 

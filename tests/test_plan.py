@@ -50,7 +50,7 @@ def test_dry_run_prints_the_plan_for_a_person_and_in_the_json_line(setup):
     assert stats["memory"]["total"] == base["total"]  # the same figure, from the cache
     assert "memory per device at the peak of a step: 8 devices" in out.stderr
     assert "a planning estimate" in out.stderr
-    assert "TPU v3 (17.18 GB) yes" in out.stderr  # on CPU, with no --device_memory_gb: common devices
+    assert "TPU v3 core (17.18 GB) yes" in out.stderr  # on CPU, with no --device_memory_gb: common devices
 
 
 def test_parts_add_up_to_xla_total(setup):
@@ -92,3 +92,15 @@ def test_too_small_a_device_gets_flags_that_the_planner_says_fit(setup):
     assert "does NOT fit" in text and f"fits with --micro_batch_size {half}" in text
     assert math.isclose(plan(setup, device_memory_gb=100.0)[1]["total"], base["total"])
     assert plan(setup, device_memory_gb=100.0)[1]["fits"] is True
+
+
+def test_device_memory_defaults_to_what_jax_can_use_on_known_devices(monkeypatch):
+    from types import SimpleNamespace as Device
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    assert alpaca.device_memory_gb(Device(device_kind="TPU v3", platform="tpu"), 0) == 17.18
+    assert alpaca.device_memory_gb(Device(device_kind="TPU v5 lite", platform="tpu"), 0) == 17.18
+    assert alpaca.device_memory_gb(Device(device_kind="NVIDIA A100-SXM4-40GB", platform="gpu"), 0) == 30.0
+    assert alpaca.device_memory_gb(Device(device_kind="cpu", platform="cpu"), 0) is None
+    assert alpaca.device_memory_gb(Device(device_kind="cpu", platform="cpu"), 16.0) == 16.0
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+    assert math.isclose(alpaca.device_memory_gb(Device(device_kind="NVIDIA H200", platform="gpu"), 0), 133.95)
