@@ -10,11 +10,13 @@ result is the same as padding, at a fraction of the token slots.
 
 The file reads top to bottom:
   1. Config: every flag, with Stanford Alpaca's recipe as defaults, and the parser made from it.
-  2. Records: reading {instruction, input, output} from .json, .jsonl, .parquet or a Hub dataset.
+  2. Records: reading {instruction, input, output} from .json, .jsonl, .parquet, a URL or a Hub dataset.
   3. Prompts and tokens: the template, SentencePiece, the loss boundary, truncation, a disk cache.
   4. The plan: which examples go into which row of which step, a pure function of (seed, data).
   5. Batches: the [R, T] arrays of step k, or only the rows of this process (multi-host).
-  6. main: `--dry_run` prints data statistics; training arrives with issue 5.
+  6. From flags to data; 7. several hosts; 8. checkpoints; 9. training.
+  10. The memory plan: what one device holds at the peak of a step, XLA's figure, before any is rented.
+  11. Hugging Face export and generation; 12. main (`--dry_run`: the data plan and the memory plan).
 
 Bad input (flags, data, tokenizer) raises InputError with a message that names the flag, file or
 record; main prints it and exits with status 2.
@@ -31,6 +33,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,6 +47,14 @@ import sentencepiece as spm
 # 1. Config
 
 
+# Stanford's 52K records, as released: alpaca_data.json at a pinned commit of tatsu-lab/stanford_alpaca. A
+# download counts only if its git blob id (sha1 of b"blob <size>\0" + the bytes, what `git hash-object`
+# prints) is the one that commit records, so a changed, cut or substituted file is never taken for the data.
+ALPACA_DATA_URL = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
+                   "761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json")
+PINNED_DOWNLOADS = {ALPACA_DATA_URL: "3779ddbc040543ab1834ef216c983d6fcc06cc9a"}  # URL -> git blob id
+
+
 def _f(default, help):
     return field(default=default, metadata={"help": help})
 
@@ -53,9 +64,12 @@ class Config:
     # What to train on.
     model: str = _f("meta-llama/Llama-2-7b-hf", "Hugging Face model: a local directory or a Hub repo id")
     tokenizer: str = _f("", "tokenizer.model file, a directory holding one, or a Hub repo id; '' = --model")
-    data: str = _f("tatsu-lab/alpaca", "Alpaca records: a .json list, .jsonl, .parquet, a directory of them, "
-                                       "or a Hub dataset id")
-    cache_dir: str = _f(".cache", "where tokenized data is cached (keyed by data, tokenizer, template, max_len)")
+    data: str = _f(ALPACA_DATA_URL, "Alpaca records: a .json list, .jsonl, .parquet, a directory of them, an "
+                                    "http(s) URL of a .json/.jsonl file (downloaded once into --cache_dir), or a "
+                                    "Hub dataset id (parquet ones need pyarrow); the default is Stanford's "
+                                    "alpaca_data.json at a pinned commit, checked by its git blob id")
+    cache_dir: str = _f(".cache", "where downloaded data, tokenized data (keyed by data, tokenizer, template, "
+                                  "max_len) and --dry_run's memory figures are cached")
     # How much: Stanford trains 3 epochs of 52,002 records at 128 a step, about 1218 steps.
     steps: int = _f(0, "optimizer steps; 0 = as many as --epochs takes")
     epochs: int = _f(3, "passes over the data, each in a fresh order from --seed (used when --steps is 0)")
@@ -90,8 +104,12 @@ class Config:
     checkpoint_every: int = _f(200, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(10, "steps between progress lines")
-    dry_run: bool = _f(False, "read, tokenize and pack the data, print one JSON line of statistics, exit "
-                              "(loads only the tokenizer, never the weights)")
+    dry_run: bool = _f(False, "read, tokenize and pack the data, compile the train step for the planned devices "
+                              "(--data_parallel) to find the memory one device needs, print it and one JSON line "
+                              "of statistics, exit (reads only config.json and the tokenizer, never the weights)")
+    device_memory_gb: float = _f(0.0, "memory of one device in GB, for --dry_run's memory plan; 0 = the HBM of "
+                                      "the TPU here, or the 75%% of a GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_"
+                                      "FRACTION), when known; on CPU a table of common devices")
     hf_save_path: str = _f("", "directory for Hugging Face exports: DIR/step_N every --hf_save_steps, DIR/final "
                                "at the end; '' = OUT/hf")
     hf_save_steps: int = _f(0, "steps between Hugging Face exports; 0 = only at the end")
@@ -139,19 +157,30 @@ def check_config(c):
             raise InputError(f"--{name} must be at least 1, got {getattr(c, name)}")
     if not 0 <= c.warmup_ratio <= 1:
         raise InputError(f"--warmup_ratio must be in [0, 1], got {c.warmup_ratio}")
+    if not c.lr > 0:  # written so that NaN fails too
+        raise InputError(f"--lr must be positive, got {c.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise InputError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
+    for name in ("eps", "weight_decay", "grad_clip", "device_memory_gb"):
+        if not getattr(c, name) >= 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(c, name)}")
 
 
 # ----------------------------------------------------------------------------------------------------
 # 2. Records
 
 
-def load_records(source):
-    """Alpaca records [{instruction, input, output}] from a file, a directory of files, or a Hub dataset.
+def load_records(source, cache_dir=".cache"):
+    """Alpaca records [{instruction, input, output}] from a file, a directory of files, an http(s) URL of a
+    .json/.jsonl file (downloaded into cache_dir), or a Hub dataset.
 
     `input` may be missing (= ""); every present field must be a string. Errors name the file and the
     line (.jsonl, malformed .json) or the record number (0-based index in the file's list).
     """
-    if os.path.isdir(source):
+    if source.startswith(("http://", "https://")):
+        files = [download(source, cache_dir)]
+    elif os.path.isdir(source):
         files = _data_files(source)
     elif os.path.isfile(source):
         files = [source]
@@ -174,6 +203,56 @@ def _data_files(directory):
     found = [f for ext in ("json", "jsonl", "parquet")
              for f in glob.glob(os.path.join(directory, "**", f"*.{ext}"), recursive=True)]
     return sorted(f for f in found if not os.path.basename(f).startswith("."))
+
+
+def git_blob_id(path):
+    """What `git hash-object` prints for the file: sha1 of b"blob <size>\\0" followed by its bytes."""
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, cache_dir):
+    """The local copy of a .json/.jsonl URL in cache_dir/downloads, fetched only when missing. The bytes go
+    to a temporary file that becomes the cache entry (one rename) only once complete, and, for a URL in
+    PINNED_DOWNLOADS, only if its git blob id is the pinned one: a failed, cut or wrong download leaves
+    nothing that a later run would read."""
+    import urllib.parse
+    import urllib.request
+    ext = os.path.splitext(urllib.parse.urlparse(url).path)[1]
+    if ext not in (".json", ".jsonl"):
+        raise InputError(f"--data {url}: a URL must name a .json or .jsonl file")
+    folder = os.path.join(cache_dir, "downloads")
+    path = os.path.join(folder, hashlib.sha256(url.encode()).hexdigest()[:20] + ext)
+    if os.path.exists(path):
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".part")
+    except OSError as e:
+        raise InputError(f"--cache_dir {cache_dir}: cannot write the download of {url} there ({e})")
+    print(f"downloading {url} ...", file=sys.stderr, flush=True)
+    try:
+        with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, fh, 1 << 20)
+            size, expected = fh.tell(), response.headers.get("Content-Length")
+        if expected is not None and size != int(expected):
+            raise InputError(f"--data {url}: the download stopped after {size} of {expected} bytes")
+        blob = git_blob_id(tmp)
+        if url in PINNED_DOWNLOADS and blob != PINNED_DOWNLOADS[url]:
+            raise InputError(f"--data {url}: the downloaded file ({size} bytes) has git blob id {blob}, not the "
+                             f"pinned {PINNED_DOWNLOADS[url]}: not the file this URL should serve")
+        os.replace(tmp, path)
+        return path
+    except InputError:
+        raise
+    except Exception as e:  # HTTP errors, resets, timeouts, a body cut short: all mean "no data from here"
+        raise InputError(f"--data {url}: the download failed ({type(e).__name__}: {e})")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _download_dataset(repo_id):
@@ -568,18 +647,23 @@ def global_batch(local, sharding, rows_per_step, seq_len):
 # 6. From flags to data
 
 
+def step_rows(c, lengths, data_parallel, devices=None):
+    """(rows per step, micro-batches per step) of these flags, rows planned for `data_parallel` devices."""
+    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
+                             pack=not c.no_pack)
+    return R, micro_batches(R, c.micro_batch_size, devices or data_parallel)
+
+
 def prepare_data(c, data_parallel, devices=None):
     """Records -> examples -> plan, as the flags say, with rows planned for `data_parallel` devices and
     split over `devices` (default: the same). Returns (examples, plan, info for the logs)."""
-    records = load_records(c.data)
+    records = load_records(c.data, c.cache_dir)
     sp = load_tokenizer(c.tokenizer or c.model)
     t0 = time.perf_counter()
     examples, stats, hit = tokenize_cached(records, sp, c.max_len, c.cache_dir)
     seconds = time.perf_counter() - t0
     lengths = example_lengths(examples)
-    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
-                             pack=not c.no_pack)
-    micro = micro_batches(R, c.micro_batch_size, devices or data_parallel)
+    R, micro = step_rows(c, lengths, data_parallel, devices)
     plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
                       steps=c.steps, pack=not c.no_pack, data_parallel=data_parallel)
     info = {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
@@ -871,6 +955,42 @@ def _logged_step(line):
         return sys.maxsize
 
 
+def model_config(c, weights=True):
+    """(model directory, LlamaConfig), checked against the flags. weights=False (--dry_run) reads config.json
+    alone, and downloads nothing else of a Hub model; weights=True also checks the safetensors headers."""
+    import llama
+    try:
+        model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
+        if weights:
+            mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
+        else:
+            with open(os.path.join(model_dir, "config.json")) as fh:
+                mc = llama.LlamaConfig.from_hf(json.load(fh), source=os.path.join(model_dir, "config.json"))
+    except (llama.CheckpointError, OSError, ValueError) as e:
+        raise InputError(f"--model {c.model}: {e}")
+    if c.seq_len > mc.max_position_embeddings:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
+                         f"({mc.max_position_embeddings})")
+    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
+                         "which is not implemented")
+    for name in ("param_dtype", "compute_dtype", "hf_dtype"):
+        if getattr(c, name) not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
+    return model_dir, mc
+
+
+def make_step(c, mc, mesh, steps, micro):
+    """The train step of these flags: what train() runs and what the memory plan compiles."""
+    import jax.numpy as jnp
+    import sharding
+    opt = sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
+                               grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
+                               total_steps=steps)
+    return sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
+                                    num_micro_batches=micro, remat=not c.no_remat)
+
+
 class _Preempted:  # a flag the SIGTERM handler sets; the loop checkpoints and exits at the next step
     requested = False
 
@@ -886,20 +1006,7 @@ def train(c):
     t_launch = time.time()
 
     # Everything that can be wrong with the flags is found before anything is written or loaded.
-    try:
-        model_dir = llama.resolve_model_path(c.model)
-        mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
-    except (llama.CheckpointError, OSError) as e:
-        raise InputError(f"--model {c.model}: {e}")
-    if c.seq_len > mc.max_position_embeddings:
-        raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
-                         f"({mc.max_position_embeddings})")
-    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
-        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
-                         "which is not implemented")
-    for name in ("param_dtype", "compute_dtype", "hf_dtype"):
-        if getattr(c, name) not in ("float32", "bfloat16", "float16"):
-            raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
+    model_dir, mc = model_config(c)
 
     if c.data_parallel % jax.device_count():
         raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
@@ -928,16 +1035,12 @@ def train(c):
         say(f"warning: a step holds ~{info['examples_per_step']:.0f} examples, not --batch_size {c.batch_size}: "
             f"{R} rows (a multiple of {dp} devices) of --seq_len {T}; a shorter --seq_len gets closer")
 
-    opt = sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                               grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
-                               total_steps=steps)
     param_dtype = jnp.dtype(c.param_dtype)
     if param_dtype != jnp.float32:
         say(f"warning: --param_dtype {c.param_dtype} keeps the master weights in {c.param_dtype}: an update smaller "
             f"than ~1/256 of a weight is rounded away (at lr {c.lr:g} most of them are). Stanford's recipe and the "
             "default keep float32; use this only when memory forces it")
-    step_fn = sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
-                                       num_micro_batches=micro, remat=not c.no_remat)
+    step_fn = make_step(c, mc, mesh, steps, micro)
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
                           is_leaf=lambda s: isinstance(s, tuple))
     specs = sharding.param_specs(shapes, mesh)
@@ -957,10 +1060,8 @@ def train(c):
         where = os.path.join(c.out, "checkpoints", f"step_{start:08d}")
         check_resumable(read_checkpoint_meta(c.out, start), c, mc, meta["data_hash"], where)
         # What to read into: the shapes and shardings of params and of sharding.init_opt_state's state.
-        p = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, specs)
-        m = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), p)
-        count = jax.ShapeDtypeStruct((), jnp.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        like = {"params": p, "opt_state": {"mu": m, "nu": m, "step": count}}
+        p, o, _ = abstract_train_inputs(mc, mesh, param_dtype, R, T)
+        like = {"params": p, "opt_state": o}
         state = load_checkpoint(c.out, start, like)
         params, opt_state = state["params"], state["opt_state"]
         say(f"resuming from {where} (step {start} of {steps})")
@@ -1077,7 +1178,216 @@ def _preempted_anywhere():
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Hugging Face export, upload and generation
+# 10. The memory plan (--dry_run)
+#
+# What ONE device holds at the peak of a step, known before any accelerator is paid for. The figure is
+# XLA's, not a formula: a child process with N virtual CPU devices compiles the real train step
+# (make_step, what train() runs) for abstract inputs carrying their shardings (no weights are read) and
+# reports compiled.memory_analysis(). The arguments are the parameter shards, the AdamW moments and the
+# batch (split by their known sizes); the temporaries hold the float32 gradient shards (their known size)
+# and the activations, the gathered bfloat16 weights and whatever else the step needs at its peak.
+# Compiling the 7B step takes tens of seconds on 2 CPU cores, so every result is cached in --cache_dir.
+
+DEVICE_MEMORY_GB = {  # HBM per jax device (1e9 bytes), from the datasheets; a TPU v3 core has 16 GiB
+    "TPU v3": 17.18, "TPU v4": 34.36, "TPU v5 lite": 17.18, "TPU v5e": 17.18, "TPU v5p": 102.0,
+    "TPU v6 lite": 34.36, "TPU v6e": 34.36, "A100-SXM4-40GB": 40.0, "A100-PCIE-40GB": 40.0, "A100": 80.0,
+    "H100": 80.0, "H200": 141.0,
+}
+COMMON_DEVICES = {"TPU v3 core": "TPU v3", "TPU v5e": "TPU v5e", "TPU v4": "TPU v4", "A100-40GB": "A100-SXM4-40GB",
+                  "A100-80GB": "A100", "H100": "H100", "H200": "H200"}  # the table printed on CPU: name -> kind
+
+
+def device_memory_gb(device, override):
+    """--device_memory_gb, else what a step may use on this device: a known TPU's HBM, or the part of a
+    known GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); None on CPU."""
+    if override:
+        return override
+    kind = getattr(device, "device_kind", "")
+    gb = next((v for k, v in sorted(DEVICE_MEMORY_GB.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    if gb and getattr(device, "platform", "") == "gpu":
+        gb *= float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    return gb
+
+
+def abstract_train_inputs(mc, mesh, param_dtype, rows, seq_len):
+    """(params, opt_state, batch) of the train step as ShapeDtypeStructs with their shardings: what the
+    step compiles for, without a single weight in memory."""
+    import jax
+    import llama
+    import sharding
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          sharding.param_specs(shapes, mesh))
+    # sharding.init_opt_state's state: float32 moments sharded as the parameters, a replicated int32 count.
+    moments = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, np.float32, sharding=p.sharding), params)
+    count = jax.ShapeDtypeStruct((), np.int32, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    opt_state = {"mu": moments, "nu": moments, "step": count}
+    dtypes = {k: (np.float32 if k == "loss_mask" else np.int32) for k in sharding.BATCH_KEYS}  # as make_batch
+    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), dtypes[k], sharding=sharding.batch_sharding(mesh))
+             for k in sharding.BATCH_KEYS}
+    return params, opt_state, batch
+
+
+def _shard_bytes(tree):
+    import jax
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def compile_memory_child():
+    """In the child process (stdin: one JSON request): compile the step, print its memory as JSON."""
+    import jax
+    import llama
+    import sharding
+    request = json.load(sys.stdin)
+    c, mc = Config(**request["config"]), llama.LlamaConfig(**request["model_config"])
+    mesh = sharding.make_mesh()
+    params, opt_state, batch = abstract_train_inputs(mc, mesh, jax.numpy.dtype(c.param_dtype), request["rows"],
+                                                     request["seq_len"])
+    t0 = time.perf_counter()
+    step = make_step(c, mc, mesh, steps=1000, micro=request["micro_batches"])
+    m = step.lower(params, opt_state, batch).compile().memory_analysis()
+    print(json.dumps({
+        "arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+        "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+        "parameters": _shard_bytes(params), "adamw_moments": _shard_bytes([opt_state["mu"], opt_state["nu"]]),
+        "gradients": _shard_bytes(params) * 4 // jax.numpy.dtype(c.param_dtype).itemsize,  # float32 shards
+        "compile_seconds": round(time.perf_counter() - t0, 1)}))
+
+
+def compiled_memory(c, mc, devices, rows, micro):
+    """XLA's memory figures (bytes per device) of the train step for `devices` devices and a step of
+    rows x --seq_len in `micro` micro-batches, compiled in a child process on virtual CPU devices; cached."""
+    import jax
+    seq_len = c.seq_len
+    request = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc), "rows": rows,
+               "seq_len": seq_len, "micro_batches": micro}
+    what = {**request, "devices": devices, "jax": jax.__version__,
+            "config": {k: getattr(c, k) for k in ("param_dtype", "compute_dtype", "no_remat")}}
+    path = os.path.join(c.cache_dir, "memory", hashlib.sha256(json.dumps(what, sort_keys=True).encode())
+                        .hexdigest()[:20] + ".json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    print(f"memory plan: compiling the train step for {devices} devices, {rows} rows x {seq_len} tokens, "
+          f"{micro} micro-batch(es) ...", file=sys.stderr, flush=True)
+    child = subprocess.run([sys.executable, "-c", "import alpaca; alpaca.compile_memory_child()"], cwd=here,
+                           env=env, input=json.dumps(request), capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(f"compiling the train step for the memory plan failed:\n{child.stderr[-3000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def memory_parts(m):
+    """Bytes per device at the peak of a step, by what holds them; the parts add up to the total."""
+    grads = m["gradients"] if m["temporaries"] >= m["gradients"] else 0
+    parts = {"parameters": m["parameters"], "adamw_moments": m["adamw_moments"],
+             "batch_and_step_count": m["arguments"] - m["parameters"] - m["adamw_moments"],
+             "gradients": grads, "activations_and_other_temporaries": m["temporaries"] - grads,
+             "outputs_not_aliased": m["outputs"] - m["aliased"]}
+    return {**parts, "total": sum(parts.values())}
+
+
+def memory_plan(c, mc, lengths, devices, limit_gb):
+    """The memory plan of these flags on `devices` devices: XLA's figures per device, whether they fit a
+    device of limit_gb, and if not, the flags that make them fit, each checked by its own compile."""
+    rows, micro = step_rows(c, lengths, devices)
+    plan = {"devices": devices, "rows": rows, "seq_len": c.seq_len, "micro_batches": micro,
+            **memory_parts(compiled_memory(c, mc, devices, rows, micro)), "device_memory_gb": limit_gb}
+    if not limit_gb:
+        return plan
+    plan["fits"] = plan["total"] <= limit_gb * 1e9
+    if not plan["fits"]:
+        plan["fixes"] = _fixes(c, mc, lengths, devices, plan, limit_gb * 1e9)
+    return plan
+
+
+def _fixes(c, mc, lengths, devices, plan, budget):
+    """Flags that make the step fit `budget` bytes per device, each checked by compiling it. Three kinds,
+    each a list along which memory falls, so a bisection finds the mildest change that fits in a few
+    compiles: on the same devices (only when parameters and AdamW state alone fit there), (1) more
+    micro-batches, fewer tokens per forward pass (the first split adds a float32 gradient accumulator, so it
+    can cost memory); (2) shorter rows, as many of them, i.e. fewer examples per step; (3) more devices,
+    the same flags. (bfloat16 master weights do not help: the update's float32 copies take it back.)"""
+    def fits(x):
+        x["total"] = memory_parts(compiled_memory(x["config"], mc, x["devices"], *step_rows(x["config"], lengths,
+                                                                                               x["devices"])))["total"]
+        return x["total"] <= budget
+
+    def candidate(n=devices, **flags):
+        return {"config": dataclasses.replace(c, **flags), "devices": n, "flags": flags}
+
+    tokens_per_pass = plan["rows"] // plan["micro_batches"] * plan["seq_len"]
+    shorter = [c.seq_len >> i for i in range(1, 8) if c.seq_len >> i >= c.max_len]
+    same_devices = plan["parameters"] + plan["adamw_moments"] < budget
+    reset = {"micro_batch_size": 0} if c.micro_batch_size else {}  # the rows change: a micro-batch may not divide them
+    kinds = [
+        sorted((candidate(**({"seq_len": t} if t != c.seq_len else {}), micro_batch_size=m)
+                for t in [c.seq_len] + shorter
+                for rows in [step_rows(dataclasses.replace(c, seq_len=t, micro_batch_size=0), lengths, devices)[0]]
+                for m in range(devices, rows, devices) if rows % m == 0 and m * t < tokens_per_pass),
+               key=lambda x: (-x["flags"]["micro_batch_size"] * x["config"].seq_len, -x["config"].seq_len)),
+        [candidate(seq_len=t, batch_size=max(1, c.batch_size * t // c.seq_len), **reset) for t in shorter],
+    ] if same_devices else []
+    kinds.append([candidate(n, data_parallel=n, **reset) for n in (2 * devices, 4 * devices) if mc.hidden_size % n == 0])
+    fixes = []
+    for kind in kinds:
+        found = _first_fitting(kind, fits)
+        if found:
+            fixes.append({"flags": " ".join(f"--{k} {v}" for k, v in found["flags"].items()),
+                          "changes": found["flags"], "devices": found["devices"], "total": found["total"]})
+    return fixes
+
+
+def _first_fitting(candidates, fits):
+    """The first candidate that fits, where fitting is monotone along the list (if one fits, all after it
+    do): check the last, then bisect. 1 + log2(len) checks."""
+    if not candidates or not fits(candidates[-1]):
+        return None
+    lo, hi = 0, len(candidates) - 1  # candidates[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(candidates[mid]) else (mid + 1, hi)
+    return candidates[hi]
+
+
+def format_memory_plan(p):
+    """The plan as a few lines for a person."""
+    gb = lambda b: f"{b / 1e9:7.2f} GB"  # noqa: E731
+    names = {"parameters": "parameters", "adamw_moments": "AdamW moments (mu, nu)",
+             "batch_and_step_count": "batch and step count", "gradients": "gradients (float32 shards)",
+             "activations_and_other_temporaries": "activations, gathered weights, other temporaries",
+             "outputs_not_aliased": "outputs not aliased to inputs"}
+    lines = [f"memory per device at the peak of a step: {p['devices']} devices, {p['rows']} rows x {p['seq_len']} "
+             f"tokens, {p['micro_batches']} micro-batch(es); XLA's figure for the compiled train step"]
+    lines += [f"  {names[k]:<52}{gb(p[k])}" for k in names]
+    lines.append(f"  {'total':<52}{gb(p['total'])}")
+    if p.get("device_memory_gb"):
+        verdict = "fits" if p["fits"] else "does NOT fit"
+        lines.append(f"  {verdict} a device of {p['device_memory_gb']:g} GB (--device_memory_gb)")
+        for f in p.get("fixes", []):
+            lines.append(f"  fits with {f['flags']}: {f['total'] / 1e9:.2f} GB per device on {f['devices']} devices")
+        if not p["fits"] and not p.get("fixes"):
+            lines.append("  no micro-batch, row length or device count tried fits: more devices, or a smaller model")
+    else:
+        fit = {name: "yes" if p["total"] <= DEVICE_MEMORY_GB[kind] * 1e9 else "no" for name, kind in COMMON_DEVICES.items()}
+        lines.append("  fits: " + ", ".join(f"{name} ({DEVICE_MEMORY_GB[COMMON_DEVICES[name]]:g} GB) {ok}"
+                                          for name, ok in fit.items()) + "; --device_memory_gb checks one")
+    lines.append("  a planning estimate: buffer assignment on CPU, where this was compiled, differs a little "
+                 "from a GPU's or TPU's")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 11. Hugging Face export, upload and generation
 #
 # The export is a directory that transformers' AutoModelForCausalLM and AutoTokenizer load unchanged:
 # config.json, safetensors (sharded above 2 GB), generation_config.json and the tokenizer. We write the
@@ -1169,7 +1479,7 @@ def generate_main(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. main
+# 12. main
 #
 # The demo preset: the README's first command. A real (tiny) pretrained Llama, stories260K, fine-tuned on
 # 2,000 real Alpaca records, both shipped in tests/assets/, in float32 on whatever devices there are. It
@@ -1196,6 +1506,27 @@ def parse_config(argv):
     return Config(**vars(parser.parse_args(argv)))
 
 
+def plan_run(c):
+    """The data plan and the memory plan of these flags, from config.json and the tokenizer alone:
+    (data statistics, memory plan)."""
+    import jax
+    dp = c.data_parallel or jax.device_count()
+    examples, _, info = prepare_data(c, dp)
+    _, mc = model_config(c, weights=False)
+    if mc.hidden_size % dp:
+        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
+    limit = device_memory_gb(jax.devices()[0], c.device_memory_gb)
+    return info, memory_plan(c, mc, example_lengths(examples), dp, limit)
+
+
+def dry_run(c):
+    """--dry_run: the memory plan for a person on stderr, then everything as one JSON line on stdout."""
+    info, plan = plan_run(c)
+    print(format_memory_plan(plan), file=sys.stderr, flush=True)
+    print(json.dumps({**info, "memory": plan}))
+    return 0
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     c = None
@@ -1205,13 +1536,7 @@ def main(argv=None):
         c = parse_config(argv)
         check_config(c)
         if c.dry_run:
-            dp = c.data_parallel
-            if not dp:
-                import jax
-                dp = jax.device_count()
-            _, _, info = prepare_data(c, dp)
-            print(json.dumps(info))
-            return 0
+            return dry_run(c)
         init_distributed()
         return train(c)
     except InputError as e:

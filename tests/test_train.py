@@ -237,6 +237,13 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--hf_save_path", "/proc/no-such-dir"], "--hf_save_path /proc/no-such-dir: not a writable directory"),
     (["--tokenizer", os.path.join(ASSETS, "llama_tokenizer", "tokenizer.model")],
      "is outside the model's vocabulary of 512"),
+    (["--lr=-1e-3"], "--lr must be positive, got -0.001"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--beta1", "1.0"], "--beta1 must be in [0, 1), got 1.0"),
+    (["--beta2=-0.5"], "--beta2 must be in [0, 1), got -0.5"),
+    (["--eps=-1e-8"], "--eps must be >= 0, got -1e-08"),
+    (["--weight_decay=-0.1"], "--weight_decay must be >= 0, got -0.1"),
+    (["--grad_clip", "nan"], "--grad_clip must be >= 0, got nan"),
 ])
 def test_bad_flags_fail_clearly_and_write_nothing(workdir, tmp_path, flags, message):
     out = tmp_path / "bad"
