@@ -28,7 +28,7 @@ def env_for(devices, workdir, **extra):
     env["HF_HUB_OFFLINE"] = "1"
     env["PYTHONPATH"] = NO_DIR_RENAME
     # The same program compiles once for all subprocesses of this module.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir / "jax-cache")
+    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir.parent / "jax-cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.update(extra)
     return env
