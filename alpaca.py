@@ -72,7 +72,8 @@ class Config:
     seq_len: int = _f(2048, "tokens per packed row; with --no_pack, every example is padded to this length")
     no_pack: bool = _f(False, "one example per row, padded to --seq_len (what Stanford and Levanter do)")
     data_parallel: int = _f(0, "plan the rows of a step for this many devices (a multiple of it); 0 = the "
-                               "devices here. --dry_run for another machine, or the same plan on fewer devices "
+                               "devices here, or when resuming, the count the checkpoint's run planned for. "
+                               "--dry_run for another machine, or the same plan on fewer devices "
                                "(training needs a multiple of the device count)")
     # Optimizer: AdamW, 3% linear warmup then cosine to 0, as Stanford's Trainer arguments.
     lr: float = _f(2e-5, "peak learning rate")
@@ -830,7 +831,7 @@ def _write_pieces(base, pieces, step):
                 _fault(f"writing-{step}")
             fh.write(b"\0" * (-offset % 64))
             offset += -offset % 64
-            fh.write(np.ascontiguousarray(data).data)
+            fh.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)  # any dtype, bfloat16 included
             index.append({"name": name, "start": list(start), "shape": list(data.shape), "dtype": str(data.dtype),
                           "offset": offset})
             offset += data.nbytes

@@ -184,6 +184,35 @@ def test_failed_background_write_stops_the_run_and_keeps_the_last_checkpoint(wor
     assert max(json.loads(l)["step"] for l in open(out / "metrics.jsonl")) < STEPS  # it stopped early
 
 
+def test_a_checkpoint_reads_back_on_other_layouts(tmp_path):
+    # In process, no training: slices saved from 8 devices, read into 4 (split along the other axis), 3
+    # (slices that straddle the saved ones) and 1 device; float32, bfloat16 and a replicated scalar.
+    import jax
+    import ml_dtypes
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import alpaca
+    devices = np.array(jax.devices())
+    rng = np.random.default_rng(0)
+    values = {"w": rng.standard_normal((16, 24)).astype(np.float32),
+              "layer": {"b": rng.standard_normal(24).astype(ml_dtypes.bfloat16)}, "count": np.array(7, np.int32)}
+
+    def placed(on, specs):
+        shardings = {"w": specs[0], "layer": {"b": specs[1]}, "count": P()}
+        return jax.tree.map(lambda x, spec: NamedSharding(Mesh(on, ("d",)), spec), values, shardings)
+
+    state = jax.tree.map(jax.device_put, values, placed(devices, (P(None, "d"), P("d"))))
+    alpaca.save_checkpoint(str(tmp_path), 3, state, {"note": 1}, keep=1)
+    assert alpaca.list_checkpoints(str(tmp_path)) == [3]
+    assert json.load(open(tmp_path / "checkpoints" / "step_00000003" / "meta.json"))["note"] == 1
+    for on, specs in ((devices[:4], (P("d", None), P("d"))), (devices[[5, 2, 7]], (P(None, "d"), P("d"))),
+                      (devices[:1], (P(), P()))):
+        like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), values, placed(on, specs))
+        back = alpaca.load_checkpoint(str(tmp_path), 3, like)
+        for got, want, sh in zip(jax.tree.leaves(back), jax.tree.leaves(values), jax.tree.leaves(like)):
+            assert got.sharding == sh.sharding and got.dtype == want.dtype
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
 def test_children_cannot_rename_directories(tmp_path):
     # What makes every run of these tests a run without directory renames (commands.NO_DIR_RENAME).
     (tmp_path / "d").mkdir()
