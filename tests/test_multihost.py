@@ -2,7 +2,8 @@
 jax.distributed (a coordinator on 127.0.0.1, gloo collectives) run the same command as tests/test_train.py's
 1 process x 8 devices, and must compute the same thing. Then processes die (SIGKILL during a checkpoint,
 SIGKILL of the coordinator, a frozen process, SIGTERM to one) and the others must stop with a clear error
-in bounded time, and a fresh pair must resume from the last complete checkpoint.
+in bounded time, and a fresh pair must resume from the last complete checkpoint. One run also continues
+across layouts: 8 devices, then 4, then 1, then 2 processes x 2 devices.
 
 Measured (float32, this machine): the pair's losses differ from the single process's by at most 5e-7 and
 its final parameters by at most 2e-6 (gloo sums the gradients over the 8 devices in another order than the
