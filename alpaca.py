@@ -719,8 +719,10 @@ def check_shared_out(out):
 #   3. Process 0 writes meta.json, also under a temporary name then renamed: meta.json is the commit marker.
 # A checkpoint is complete if and only if its meta.json exists: listing, resuming and pruning see only
 # complete ones. A directory without meta.json (a crash before 3) is ignored, and deleted by the next run at
-# start. Pruning deletes meta.json first, then the rest: a crash meanwhile leaves an uncommitted directory,
-# never a committed incomplete one.
+# start. Pruning, at each commit, deletes the meta.json of the checkpoints older than the newest --keep (a
+# crash can never leave a committed incomplete one); their files, like any uncommitted directory's, are
+# deleted by process 0's next writer thread, or right away after a synchronous checkpoint (deleting a
+# checkpoint's files takes a while: not on the training path).
 #
 # Writes run in the background. At a checkpoint the loop copies this process's slices to host memory (the
 # step waits for that copy only; it must be taken before the next step, which donates the device buffers)
@@ -808,10 +810,12 @@ def start_checkpoint(out, step, state):
                 shards.append((name, start, shard.data))
     pieces = [(name, start, np.array(data)) for name, start, data in shards]  # a copy, not a view of the buffer
     base = os.path.join(checkpoint_dir(out, step), f"process_{jax.process_index():05d}")
-    errors = []
+    first, errors = jax.process_index() == 0, []
 
     def write():
         try:
+            if first:
+                remove_uncommitted(out, but=step)  # the files of pruned checkpoints
             _write_pieces(base, pieces, step)
         except BaseException as e:
             errors.append(e)
@@ -865,7 +869,7 @@ def finish_checkpoint(pending, out, meta, keep, wait=True):
 
 def commit_checkpoint(out, step, meta, keep):
     """Step 3, once every process has written its files: process 0 writes meta.json, then prunes the
-    complete checkpoints older than the newest `keep`, meta.json first."""
+    complete checkpoints older than the newest `keep` (their meta.json; remove_uncommitted deletes the rest)."""
     import jax
     if jax.process_index() != 0:
         return
@@ -873,13 +877,15 @@ def commit_checkpoint(out, step, meta, keep):
         json.dump(dict(meta, step=step, processes=jax.process_count(), devices=jax.device_count()), fh, indent=1)
     for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
         os.remove(os.path.join(checkpoint_dir(out, old), "meta.json"))
-        shutil.rmtree(checkpoint_dir(out, old), ignore_errors=True)
 
 
 def save_checkpoint(out, step, state, meta, keep):
     """Write state (a pytree of global jax.Arrays) as checkpoint `step`, commit it and keep the newest
     `keep`, waiting for all of it. Every process calls it. Returns the checkpoint's directory."""
+    import jax
     finish_checkpoint(start_checkpoint(out, step, state), out, meta, keep)
+    if jax.process_index() == 0:
+        remove_uncommitted(out)
     return checkpoint_dir(out, step)
 
 
@@ -889,13 +895,14 @@ def checkpoint_after_step(pending, c, step, steps, state, meta, say):
     background, at the end and on SIGTERM (to any process) synchronously. Returns (pending, preempted)."""
     _fault(f"step-{step}")
     pending, preempted = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints, wait=False)
-    due = c.checkpoint_every and step % c.checkpoint_every == 0
-    if preempted or step == steps or due:
+    if preempted or step == steps:
+        finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)
+        say(f"checkpoint {save_checkpoint(c.out, step, state, meta, c.keep_checkpoints)}")
+        return None, preempted
+    if c.checkpoint_every and step % c.checkpoint_every == 0:
         finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)  # at most one write in flight
         pending = start_checkpoint(c.out, step, state)
-        if preempted or step == steps:
-            pending = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)[0]
-        say(f"checkpoint {checkpoint_dir(c.out, step)}{' (writing in the background)' if pending else ''}")
+        say(f"checkpoint {checkpoint_dir(c.out, step)} (writing in the background)")
     return pending, preempted
 
 
@@ -908,12 +915,14 @@ def list_checkpoints(out):
                   if re.fullmatch(r"step_\d{8}", d) and os.path.exists(os.path.join(root, d, "meta.json")))
 
 
-def remove_uncommitted(out):
-    """What interrupted writes left: checkpoint directories without meta.json (process 0, at start)."""
+def remove_uncommitted(out, but=-1):
+    """Delete the checkpoint directories without meta.json, but that of step `but` (being written): pruned
+    checkpoints and what interrupted writes left. Process 0 only, while no other write is in flight."""
     root = os.path.join(out, "checkpoints")
     for d in os.listdir(root) if os.path.isdir(root) else []:
         path = os.path.join(root, d)
-        if re.fullmatch(r"step_\d{8}", d) and os.path.isdir(path) and not os.path.exists(os.path.join(path, "meta.json")):
+        if re.fullmatch(r"step_\d{8}", d) and os.path.isdir(path) and d != f"step_{but:08d}" \
+                and not os.path.exists(os.path.join(path, "meta.json")):
             shutil.rmtree(path, ignore_errors=True)
 
 

@@ -138,7 +138,8 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     rc, log = run(run_args(workdir, out), env)
     assert rc == 0, log
     assert "resuming from" in log and "step_00000002" in log
-    assert committed(out) == ["step_00000004", "step_00000006"]  # the leftover was replaced, old ones pruned
+    # The leftover was replaced, old checkpoints pruned and their files deleted.
+    assert committed(out) == sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000006"]
     assert sorted(os.listdir(out / "checkpoints" / "step_00000006")) == \
         ["meta.json", "process_00000.bin", "process_00000.json"]
     for name, arr in final_tensors(out).items():
