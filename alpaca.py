@@ -36,7 +36,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -84,7 +86,8 @@ class Config:
     seq_len: int = _f(2048, "tokens per packed row; with --no_pack, every example is padded to this length")
     no_pack: bool = _f(False, "one example per row, padded to --seq_len (what Stanford and Levanter do)")
     data_parallel: int = _f(0, "plan the rows of a step for this many devices (a multiple of it); 0 = the "
-                               "devices here. --dry_run for another machine, or the same plan on fewer devices "
+                               "devices here, or when resuming, the count the checkpoint's run planned for. "
+                               "--dry_run for another machine, or the same plan on fewer devices "
                                "(training needs a multiple of the device count)")
     # Optimizer: AdamW, 3% linear warmup then cosine to 0, as Stanford's Trainer arguments.
     lr: float = _f(2e-5, "peak learning rate")
@@ -753,18 +756,19 @@ def agree(value):
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def all_processes(flag):
-    """The flag of every process, as a list (the same list on every process)."""
+def all_processes(*flags):
+    """The flags of every process, one tuple per process (the same list on every process)."""
     import jax
     if jax.process_count() == 1:
-        return [bool(flag)]
+        return [tuple(bool(f) for f in flags)]
     from jax.experimental import multihost_utils
-    return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.array([flag]))).reshape(-1)]
+    rows = np.asarray(multihost_utils.process_allgather(np.array(flags, bool))).reshape(-1, len(flags))
+    return [tuple(bool(f) for f in row) for row in rows]
 
 
 def check_shared_out(out):
     """With several processes, --out must be one directory that all of them see: each writes its own
-    checkpoint shards there and process 0 renames the checkpoint once all are written."""
+    checkpoint shards there and process 0 commits the checkpoint once all are written."""
     import jax
     if jax.process_count() == 1:
         return
@@ -774,7 +778,7 @@ def check_shared_out(out):
         open(probe, "w").close()
     barrier("shared-out-written")
     seen = any(os.path.exists(probe) or time.sleep(0.5) for _ in range(10))  # network filesystems may lag
-    blind = [i for i, ok in enumerate(all_processes(seen)) if not ok]
+    blind = [i for i, (ok,) in enumerate(all_processes(seen)) if not ok]
     if jax.process_index() == 0:
         os.remove(probe)
     if blind:
@@ -785,19 +789,64 @@ def check_shared_out(out):
 # ----------------------------------------------------------------------------------------------------
 # 8. Checkpoints
 #
-# OUT/checkpoints/step_00000100/ holds process_00000.msgpack ... (each process writes only the shards of
-# its own devices: parameters and AdamW state) and meta.json (step, flags, model config, data fingerprint).
-# A checkpoint is written as step_X.tmp/ and renamed to step_X/ by process 0 once every process has
-# written its file, so a crash mid-write leaves the previous checkpoint as the latest complete one. With
-# several hosts, OUT must be a filesystem they all see (NFS, a GCS FUSE mount, ...).
+# OUT/checkpoints/step_00000100/ holds, for each process i, process_0000i.bin (the raw bytes of the slices
+# of every saved array that its own devices hold: parameters and AdamW state) and process_0000i.json (its
+# index: the name, start, shape, dtype and byte offset of each slice), and meta.json (step, flags, model
+# config, data fingerprint, and the device count the data plan was made for).
+#
+# The commit protocol renames no directory. Object-store mounts (Cloud Storage FUSE, the usual shared
+# storage of a TPU pod; blobfuse) rename a directory only when mounted with special options, and never
+# atomically; a file rename they emulate (copy, then delete).
+#   1. Each process writes its two files under temporary names, flushes them to storage (fsync) and renames
+#      each into place.
+#   2. The processes tell each other that they have finished (a gather at a step boundary, below).
+#   3. Process 0 writes meta.json, also under a temporary name then renamed: meta.json is the commit marker.
+# A checkpoint is complete if and only if its meta.json exists: listing, resuming and pruning see only
+# complete ones. A directory without meta.json (a crash before 3) is ignored, and deleted by the next run at
+# start. Pruning, at each commit, deletes the meta.json of the checkpoints older than the newest --keep (a
+# crash can never leave a committed incomplete one); their files, like any uncommitted directory's, are
+# deleted by process 0's next writer thread, or right away after a synchronous checkpoint (deleting a
+# checkpoint's files takes a while: not on the training path).
+#
+# Writes run in the background. At a checkpoint the loop copies this process's slices to host memory (the
+# step waits for that copy only; it must be taken before the next step, which donates the device buffers)
+# and a thread writes the files while training goes on. At every step boundary the processes exchange
+# three flags each (SIGTERM received, write finished, write failed): once every thread has finished, process
+# 0 commits; if one failed, every process stops with an error. At most one write is in flight: the next
+# checkpoint, an HF export and the end of training wait for it. SIGTERM and the last step write
+# synchronously. Host memory for the copy: one checkpoint of this process's devices (parameters and both
+# AdamW moments, 12 bytes a parameter: 81 GB for Llama-2-7B, 20 GB on each of a v3-32's 4 hosts).
+#
+# Any layout reads any checkpoint. For each slice its devices need, a process reads the overlapping parts
+# of the saved slices from whichever process's file holds them, memory-mapped, so that only those bytes are
+# read. A run written on N devices (P processes) continues on M devices (Q processes) wherever the rows of
+# a step and hidden_size divide by M; the data plan stays the one the run started with (meta.json's
+# data_parallel), so every step holds the same examples.
 # Nothing random happens during training (no dropout) and the data order is a pure function of
 # (seed, step), so (params, opt_state, step) is the whole state: a resumed run computes exactly what the
-# uninterrupted one would have.
+# uninterrupted one would have, bit for bit on the same layout, up to float32 summation order on another.
 
 # Flags that change what a run computes: a checkpoint written under other values is refused.
+# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
 RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
                "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
-               "seed", "param_dtype", "compute_dtype", "data_parallel")
+               "seed", "param_dtype", "compute_dtype")
+
+
+class CheckpointFailed(Exception):
+    """A checkpoint could not be written: the run stops, keeping the last complete checkpoint."""
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """Checkpoint `step`, being written by this process's `thread`; `errors` receives its exception."""
+    step: int
+    thread: threading.Thread
+    errors: list
+
+
+def checkpoint_dir(out, step):
+    return os.path.join(out, "checkpoints", f"step_{step:08d}")
 
 
 def _leaves_with_names(tree):
@@ -806,47 +855,143 @@ def _leaves_with_names(tree):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def save_checkpoint(out, step, state, meta, keep):
-    """Write state (a pytree of global jax.Arrays) as checkpoint `step`; keep the newest `keep`."""
+def _fault(point):
+    """Fault injection for the tests: ALPACA_CRASH_AT=POINT[:SIGNAL] sends SIGNAL (SIGKILL) to this process at
+    POINT: writing-N (halfway through writing checkpoint N), checkpoint-N (its files written, not committed),
+    step-N (after step N)."""
+    where, _, sig = os.environ.get("ALPACA_CRASH_AT", "").partition(":")
+    if where == point:
+        os.kill(os.getpid(), signal.Signals[sig or "SIGKILL"])
+
+
+@contextmanager
+def _replaced(path, mode):
+    """Write `path` under a temporary name, flush it to storage, then rename it into place."""
+    tmp = path + ".partial"
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def start_checkpoint(out, step, state):
+    """Copy this process's slices of `state` (a pytree of global jax.Arrays) to host memory, then write them
+    into checkpoint `step` in a background thread (step 1 of the protocol). The caller waits for the copy only."""
     import jax
-    import msgpack
-    root = os.path.join(out, "checkpoints")
-    final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f"step_{step:08d}.tmp")
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier("checkpoint-dir")
-    part = os.path.join(tmp, f"process_{jax.process_index():05d}.msgpack")
-    with open(part + ".partial", "wb") as fh:
-        packer = msgpack.Packer(use_bin_type=True)
-        for name, arr in _leaves_with_names(state):
-            seen = set()
-            for shard in arr.addressable_shards:  # one record per distinct slice this process holds
-                start = tuple(s.indices(n)[0] for s, n in zip(shard.index, arr.shape))
-                if start in seen:
-                    continue
+    shards = []
+    for name, arr in _leaves_with_names(state):
+        seen = set()
+        for shard in arr.addressable_shards:  # each distinct slice once (a replicated one is on every device)
+            start = tuple(s.indices(n)[0] for s, n in zip(shard.index, arr.shape))
+            if start not in seen:
                 seen.add(start)
-                data = np.asarray(shard.data)
-                fh.write(packer.pack({"name": name, "start": list(start), "shape": list(data.shape),
-                                      "dtype": str(data.dtype), "data": data.tobytes()}))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part + ".partial", part)
-    if os.environ.get("ALPACA_CRASH_AT") == f"checkpoint-{step}":  # fault injection for the resume tests
-        os.kill(os.getpid(), signal.SIGKILL)
-    barrier("checkpoint-written")
+                shard.data.copy_to_host_async()  # all transfers start at once
+                shards.append((name, start, shard.data))
+    pieces = [(name, start, np.array(data)) for name, start, data in shards]  # a copy, not a view of the buffer
+    base = os.path.join(checkpoint_dir(out, step), f"process_{jax.process_index():05d}")
+    first, errors = jax.process_index() == 0, []
+
+    def write():
+        try:
+            if first:
+                remove_uncommitted(out, but=step)  # the files of pruned checkpoints
+            _write_pieces(base, pieces, step)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
+    thread.start()
+    return PendingWrite(step, thread, errors)
+
+
+def _write_pieces(base, pieces, step):
+    """BASE.bin (the slices' bytes, each at a 64-byte aligned offset) and BASE.json (its index)."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    index, offset = [], 0
+    with _replaced(base + ".bin", "wb") as fh:
+        for i, (name, start, data) in enumerate(pieces):
+            if i == len(pieces) // 2:
+                _fault(f"writing-{step}")
+            fh.write(b"\0" * (-offset % 64))
+            offset += -offset % 64
+            fh.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)  # any dtype, bfloat16 included
+            index.append({"name": name, "start": list(start), "shape": list(data.shape), "dtype": str(data.dtype),
+                          "offset": offset})
+            offset += data.nbytes
+    with _replaced(base + ".json", "w") as fh:
+        json.dump({"pieces": index}, fh)
+    _fault(f"checkpoint-{step}")
+
+
+def finish_checkpoint(pending, out, meta, keep, wait=True):
+    """At a step boundary, on every process: commit the pending write (or None) if every process's thread
+    has finished, waiting for them if `wait`; raise CheckpointFailed on every process if one failed.
+    Returns (the write still pending or None, whether any process received SIGTERM)."""
+    if pending and wait:
+        pending.thread.join()
+    done = pending is None or not pending.thread.is_alive()
+    failed = done and bool(pending and pending.errors)
+    flags = all_processes(_Preempted.requested, done, failed)  # one gather serves SIGTERM and the writes
+    preempted = any(f[0] for f in flags)
+    if pending is None or not all(f[1] for f in flags):
+        return pending, preempted
+    failed_on = [i for i, f in enumerate(flags) if f[2]]
+    if failed_on:
+        kept = list_checkpoints(out)
+        why = f": {type(pending.errors[0]).__name__}: {pending.errors[0]}" if pending.errors else ""
+        raise CheckpointFailed(f"writing checkpoint {checkpoint_dir(out, pending.step)} failed on process(es) "
+                               f"{failed_on}{why}. Nothing was committed for step {pending.step}; the latest complete "
+                               f"checkpoint is {'step ' + str(kept[-1]) if kept else 'none'}.")
+    commit_checkpoint(out, pending.step, meta, keep)
+    return None, preempted
+
+
+def commit_checkpoint(out, step, meta, keep):
+    """Step 3, once every process has written its files: process 0 writes meta.json, then prunes the
+    complete checkpoints older than the newest `keep` (their meta.json; remove_uncommitted deletes the rest)."""
+    import jax
+    if jax.process_index() != 0:
+        return
+    with _replaced(os.path.join(checkpoint_dir(out, step), "meta.json"), "w") as fh:
+        json.dump(dict(meta, step=step, processes=jax.process_count(), devices=jax.device_count()), fh, indent=1)
+    for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        os.remove(os.path.join(checkpoint_dir(out, old), "meta.json"))
+
+
+def save_checkpoint(out, step, state, meta, keep):
+    """Write state (a pytree of global jax.Arrays) as checkpoint `step`, commit it and keep the newest
+    `keep`, waiting for all of it. Every process calls it. Returns the checkpoint's directory."""
+    import jax
+    finish_checkpoint(start_checkpoint(out, step, state), out, meta, keep)
     if jax.process_index() == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(dict(meta, step=step, processes=jax.process_count(), devices=jax.device_count()), fh, indent=1)
-        os.replace(tmp, final)  # the checkpoint exists from here on, complete
-        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, f"step_{old:08d}"), ignore_errors=True)
-    barrier("checkpoint-done")
-    return final
+        remove_uncommitted(out)
+    return checkpoint_dir(out, step)
+
+
+def checkpoint_after_step(pending, c, step, steps, state, meta, say):
+    """The loop's checkpointing after `step`, on every process: commit or fail the pending write
+    (finish_checkpoint), then write checkpoint `step` if due: every --checkpoint_every steps in the
+    background, at the end and on SIGTERM (to any process) synchronously. Returns (pending, preempted)."""
+    _fault(f"step-{step}")
+    pending, preempted = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints, wait=False)
+    if preempted or step == steps:
+        finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)
+        say(f"checkpoint {save_checkpoint(c.out, step, state, meta, c.keep_checkpoints)}")
+        return None, preempted
+    if c.checkpoint_every and step % c.checkpoint_every == 0:
+        finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)  # at most one write in flight
+        pending = start_checkpoint(c.out, step, state)
+        say(f"checkpoint {checkpoint_dir(c.out, step)} (writing in the background)")
+    return pending, preempted
 
 
 def list_checkpoints(out):
-    """Steps of the complete checkpoints in OUT, oldest first (*.tmp directories are incomplete)."""
+    """Steps of the complete (committed) checkpoints in OUT, oldest first."""
     root = os.path.join(out, "checkpoints")
     if not os.path.isdir(root):
         return []
@@ -854,9 +999,31 @@ def list_checkpoints(out):
                   if re.fullmatch(r"step_\d{8}", d) and os.path.exists(os.path.join(root, d, "meta.json")))
 
 
+def remove_uncommitted(out, but=-1):
+    """Delete the checkpoint directories without meta.json, but that of step `but` (being written): pruned
+    checkpoints and what interrupted writes left. Process 0 only, while no other write is in flight."""
+    root = os.path.join(out, "checkpoints")
+    for d in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, d)
+        if re.fullmatch(r"step_\d{8}", d) and os.path.isdir(path) and d != f"step_{but:08d}" \
+                and not os.path.exists(os.path.join(path, "meta.json")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def read_checkpoint_meta(out, step):
-    with open(os.path.join(out, "checkpoints", f"step_{step:08d}", "meta.json")) as fh:
+    with open(os.path.join(checkpoint_dir(out, step), "meta.json")) as fh:
         return json.load(fh)
+
+
+def resume_point(out):
+    """(step, data_parallel) of the latest complete checkpoint in OUT, (0, 0) if there is none, as process 0
+    sees them: its view of the shared --out decides."""
+    import jax
+    step = data_parallel = 0
+    done = list_checkpoints(out) if jax.process_index() == 0 else []
+    if done:
+        step, data_parallel = done[-1], read_checkpoint_meta(out, done[-1]).get("data_parallel", 0)
+    return agree(step), agree(data_parallel)
 
 
 def unwritable(directory, probe_name):
@@ -881,16 +1048,14 @@ def data_hash(examples):
 
 def check_resumable(meta, c, model_config, fingerprint, where):
     """Refuse a checkpoint whose run computed something else, naming the first settings that differ."""
-    import jax
     diffs = [f"--{k} {meta['config'].get(k)!r} (this run: {getattr(c, k)!r})"
              for k in RESUME_KEYS if meta["config"].get(k) != getattr(c, k)]
     if meta["model_config"] != dataclasses.asdict(model_config):
         diffs.append("the model's config.json")
     if meta.get("data_hash") != fingerprint:
         diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
-    if meta["processes"] != jax.process_count() or meta["devices"] != jax.device_count():
-        diffs.append(f"{meta['processes']} processes x {meta['devices']} devices "
-                     f"(this run: {jax.process_count()} x {jax.device_count()})")
+    if c.data_parallel and c.data_parallel != meta.get("data_parallel"):
+        diffs.append(f"--data_parallel {meta.get('data_parallel')} (this run: {c.data_parallel})")
     if diffs:
         raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
                          ". Use the same settings to resume, or another --out to start afresh.")
@@ -898,27 +1063,44 @@ def check_resumable(meta, c, model_config, fingerprint, where):
 
 def load_checkpoint(out, step, like):
     """The state saved at `step`, shaped and sharded like `like` (a pytree of jax.ShapeDtypeStruct with
-    .sharding). Each process reads only its own file: the layout must be the one it was written with."""
+    .sharding), whatever device layout wrote it. Each slice this process's devices need is assembled from the
+    overlapping parts of the saved slices, read memory-mapped from whichever process's file holds them."""
     import jax
-    import msgpack
-    path = os.path.join(out, "checkpoints", f"step_{step:08d}", f"process_{jax.process_index():05d}.msgpack")
-    pieces = {}
-    with open(path, "rb") as fh:
-        for rec in msgpack.Unpacker(fh, raw=False, max_buffer_size=2**62):
-            data = np.frombuffer(rec["data"], dtype=np.dtype(rec["dtype"])).reshape(rec["shape"])
-            pieces[(rec["name"], tuple(rec["start"]))] = data
+    directory = checkpoint_dir(out, step)
+    saved = {}  # name -> {(start, shape): (file, dtype, offset)}, each distinct slice once
+    for index in sorted(glob.glob(os.path.join(directory, "process_*.json"))):
+        with open(index) as fh:
+            for p in json.load(fh)["pieces"]:
+                saved.setdefault(p["name"], {}).setdefault((tuple(p["start"]), tuple(p["shape"])),
+                                                           (index[:-5] + ".bin", np.dtype(p["dtype"]), p["offset"]))
+    files = {}
+
+    def piece(file, dtype, offset, shape):
+        if file not in files:
+            files[file] = np.memmap(file, np.uint8, mode="r")
+        return files[file][offset:offset + dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape)
 
     def build(name, leaf):
         def read(index):
-            start = tuple(s.indices(n)[0] for s, n in zip(index, leaf.shape))
-            if (name, start) not in pieces:
-                raise InputError(f"{path}: no slice of {name} starting at {start}; was it written with "
-                                 "another device layout?")
-            return pieces[(name, start)]
+            lo = [s.indices(n)[0] for s, n in zip(index, leaf.shape)]
+            hi = [s.indices(n)[1] for s, n in zip(index, leaf.shape)]
+            local, filled = np.empty([b - a for a, b in zip(lo, hi)], leaf.dtype), 0
+            for (start, shape), (file, dtype, offset) in saved.get(name, {}).items():
+                a = [max(x, s) for x, s in zip(lo, start)]
+                b = [min(x, s + n) for x, s, n in zip(hi, start, shape)]
+                if any(x >= y for x, y in zip(a, b)):
+                    continue  # no overlap
+                if dtype != leaf.dtype:
+                    raise InputError(f"{directory}: {name} was saved as {dtype}, this run needs {leaf.dtype}")
+                part = piece(file, dtype, offset, shape)[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
+                local[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = part
+                filled += math.prod(y - x for x, y in zip(a, b))
+            if filled != local.size:
+                raise InputError(f"{directory}: the saved slices of {name} do not cover [{lo}, {hi})")
+            return local
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, read)
 
-    named = _leaves_with_names(like)
-    leaves = [build(name, leaf) for name, leaf in named]
+    leaves = [build(name, leaf) for name, leaf in _leaves_with_names(like)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
@@ -1015,8 +1197,14 @@ def train(c):
     dp = mesh.shape["fsdp"]
     if mc.hidden_size % dp:
         raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
-    examples, plan, info = prepare_data(c, c.data_parallel or dp, devices=dp)
+    start, recorded = resume_point(c.out)  # a resumed run keeps the data plan it started with
+    planned = c.data_parallel or recorded or dp
+    examples, plan, info = prepare_data(c, planned, devices=dp)
     R, T, steps, micro = plan["rows_per_step"], plan["seq_len"], plan["steps"], info["micro_batches"]
+    if R % dp:
+        raise InputError(f"--out {c.out}: the checkpoint of step {start} comes from a run whose steps have {R} rows "
+                         f"(planned for --data_parallel {planned}): they cannot be split over {dp} devices; resume "
+                         f"on a device count that divides {R}")
     if examples["tokens"].max() >= mc.vocab_size:
         raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
                          f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
@@ -1046,25 +1234,22 @@ def train(c):
     specs = sharding.param_specs(shapes, mesh)
     lengths = example_lengths(examples)
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
-            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples)}
+            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples),
+            "data_parallel": planned}
 
     check_shared_out(c.out)
-    done = list_checkpoints(c.out)
-    start = agree(done[-1] if done else 0)  # what process 0 sees on the shared --out decides
-    if main_process:  # leftovers of a write that was interrupted
-        root = os.path.join(c.out, "checkpoints")
-        for d in os.listdir(root) if os.path.isdir(root) else []:
-            if d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    if main_process:
+        remove_uncommitted(c.out)
     if start:
-        where = os.path.join(c.out, "checkpoints", f"step_{start:08d}")
-        check_resumable(read_checkpoint_meta(c.out, start), c, mc, meta["data_hash"], where)
+        where, saved = checkpoint_dir(c.out, start), read_checkpoint_meta(c.out, start)
+        check_resumable(saved, c, mc, meta["data_hash"], where)
         # What to read into: the shapes and shardings of params and of sharding.init_opt_state's state.
         p, o, _ = abstract_train_inputs(mc, mesh, param_dtype, R, T)
         like = {"params": p, "opt_state": o}
         state = load_checkpoint(c.out, start, like)
         params, opt_state = state["params"], state["opt_state"]
-        say(f"resuming from {where} (step {start} of {steps})")
+        say(f"resuming from {where} (step {start} of {steps}, written by {saved['processes']} process(es) x "
+            f"{saved['devices']} devices)")
     else:
         say(f"loading {c.model} ...")
         _, params = llama.load_hf(model_dir, dtype=param_dtype, shardings=specs)
@@ -1103,12 +1288,9 @@ def train(c):
     def lengths_of(k):
         return lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
 
-    def checkpoint(k):
-        path = save_checkpoint(c.out, k, {"params": params, "opt_state": opt_state}, meta, c.keep_checkpoints)
-        say(f"checkpoint {path}")
-
     t_window, tokens_window, flops_window, last_logged, step_times = time.time(), 0, 0.0, start, []
     batch = batch_of(start) if start < steps else None
+    pending = None  # the checkpoint being written in the background, if any
     for k in range(start, steps):
         t0 = time.time()
         params, opt_state, m = step_fn(params, opt_state, batch)
@@ -1119,6 +1301,7 @@ def train(c):
         else:
             step_times.append(time.time() - t0)
         if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+            finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)  # the last good one
             kept = list_checkpoints(c.out)
             raise TrainingDiverged(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
                                    f"(lower --lr?). The last good checkpoint is "
@@ -1143,13 +1326,13 @@ def train(c):
                 if wandb:
                     wandb.log(rec, step=step)
             t_window, tokens_window, flops_window, last_logged = now, 0, 0.0, step
-        preempted = _preempted_anywhere()
-        if preempted or step == steps or (c.checkpoint_every and step % c.checkpoint_every == 0):
-            checkpoint(step)
+        pending, preempted = checkpoint_after_step(pending, c, step, steps, {"params": params, "opt_state": opt_state},
+                                                   meta, say)
         if preempted:
             say(f"SIGTERM: checkpoint written at step {step}; exiting so that a supervisor restarts the run")
             return 143
         if c.hf_save_steps and step % c.hf_save_steps == 0 and step < steps:
+            pending = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)[0]  # host memory: one at a time
             export_hf(c, mc, params, model_dir, os.path.join(hf_root(c), f"step_{step:08d}"), say)
 
     final = os.path.join(hf_root(c), "final")
@@ -1170,11 +1353,6 @@ def train(c):
 
 class TrainingDiverged(Exception):
     """A non-finite loss or gradient norm: the run stops, keeping the last good checkpoint."""
-
-
-def _preempted_anywhere():
-    """True on every process if any received SIGTERM, so that all write the (collective) checkpoint."""
-    return any(all_processes(_Preempted.requested))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1541,7 +1719,7 @@ def main(argv=None):
         return train(c)
     except InputError as e:
         status, message = 2, str(e)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointFailed) as e:
         status, message = 1, str(e)
     except Exception as e:
         if not _joined():

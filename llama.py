@@ -701,16 +701,21 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
             copy_files: list[str] = (), extra_files: dict[str, Any] | None = None) -> str:
     """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
     max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), copies of `copy_files` (e.g. the
-    tokenizer.model) and extra JSON files {name: content}. Written into a temporary directory that is renamed
-    into place when complete: a crash never leaves a directory that looks finished.
+    tokenizer.model) and extra JSON files {name: content}.
+    No directory is renamed (object-store mounts such as Cloud Storage FUSE cannot), and config.json, which
+    every loader reads first, is written last: a directory with config.json is a complete export. Every
+    other file is first written as .NAME.partial and flushed to storage; only then is config.json removed,
+    the files renamed into place, the shards of a previous export that this one lacks deleted, and
+    config.json written. A failure while writing leaves a previous export in `path` complete and untouched
+    (the .partial files are removed, by the next export if not by this one); a crash in the short renaming
+    phase leaves a directory without config.json, which no loader takes for an export.
     In a multi-process run every process must call this (the gathers are collective); only process 0 writes."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     writer = jax.process_index() == 0
     path = os.path.abspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
     if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+        os.makedirs(path, exist_ok=True)
+        _remove_partial(path)  # left by an export that was killed
 
     # Plan the shards from the shapes first, so file names can say "of n" before any tensor is gathered.
     expected = _expected_tensors(c)
@@ -728,26 +733,41 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     file_of = {name: files[k] for k, names in enumerate(shards) for name in names}
 
+    def partial(name):
+        return os.path.join(path, f".{name}.partial")
+
     try:
-        _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files)
+        written = _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files,
+                                extra_files)
     except BaseException:
         if writer:  # nothing half-written is left behind
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_partial(path)
         raise
     if not writer:
         return path
-    # Swap into place: the old export (if any) is removed only once the new one is complete.
-    old = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, old)
-    os.rename(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    marker = os.path.join(path, "config.json")
+    if os.path.exists(marker):
+        os.remove(marker)
+    for name in written:
+        os.replace(partial(name), os.path.join(path, name))
+    for f in os.listdir(path):  # shards of a previous export that this one does not have
+        if f.startswith("model") and ".safetensors" in f and f not in written:
+            os.remove(os.path.join(path, f))
+    _write_json(partial("config.json"), c.to_hf(dtype=str(np_dtype)))
+    os.replace(partial("config.json"), marker)
     return path
 
 
-def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files):
-    """The files of save_hf, into tmp. Tensors are gathered one stacked parameter at a time and a shard is
-    written as soon as its last tensor arrives, so host memory holds at most one shard."""
+def _remove_partial(path):
+    for f in os.listdir(path):
+        if f.startswith(".") and f.endswith(".partial"):
+            os.remove(os.path.join(path, f))
+
+
+def _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files):
+    """The files of save_hf but config.json, each to partial(name), flushed to storage; returns their names.
+    Tensors are gathered one stacked parameter at a time and a shard is written as soon as its last tensor
+    arrives, so host memory holds at most one shard."""
     from safetensors.numpy import save_file
     pending: dict[str, dict] = {f: {} for f in files}
     remaining = {f: len(names) for f, names in zip(files, shards)}
@@ -758,17 +778,24 @@ def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, size
         pending[f][name] = np.ascontiguousarray(arr.astype(np_dtype))
         remaining[f] -= 1
         if remaining[f] == 0:  # a shard is complete: write it and free its tensors
-            save_file(pending.pop(f), os.path.join(tmp, f), metadata={"format": "pt"})
+            save_file(pending.pop(f), partial(f), metadata={"format": "pt"})
     if not writer:
-        return
+        return []
+    written = list(files)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
-        _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
-    _write_json(os.path.join(tmp, "config.json"), c.to_hf(dtype=str(np_dtype)))
+        _write_json(partial("model.safetensors.index.json"), index)
+        written.append("model.safetensors.index.json")
     for src in copy_files:
-        shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
+        shutil.copy(src, partial(os.path.basename(src)))
+        written.append(os.path.basename(src))
     for fname, content in (extra_files or {}).items():
-        _write_json(os.path.join(tmp, fname), content)
+        _write_json(partial(fname), content)
+        written.append(fname)
+    for name in written:
+        with open(partial(name), "rb") as fh:
+            os.fsync(fh.fileno())
+    return written
 
 
 def _name_order(c: LlamaConfig):

@@ -1,6 +1,8 @@
 """The short training command that tests/test_train.py and tests/test_multihost.py run in subprocesses:
 the real stories260K model on 48 real Alpaca records, 6 float32 steps of 8 rows x 256 tokens, rows planned
-for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same batches."""
+for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same batches.
+Every subprocess runs with NO_DIR_RENAME on its PYTHONPATH: renaming a directory fails there, as on a Cloud
+Storage FUSE mount, so every training, checkpoint, resume, pruning and export of the tests is done without."""
 
 import json
 import os
@@ -10,6 +12,7 @@ ASSETS = os.path.join(ROOT, "tests", "assets")
 STORIES = os.path.join(ASSETS, "stories260K")
 SAMPLE = os.path.join(ASSETS, "alpaca", "alpaca_sample_2000.json")
 STEPS = 6
+NO_DIR_RENAME = os.path.join(ROOT, "tests", "no_dir_rename")  # its sitecustomize.py refuses directory renames
 
 
 def write_data(workdir, n=48):
@@ -29,3 +32,9 @@ def logged_step(line):
         return json.loads(line)["step"]
     except ValueError:
         return -1
+
+
+def committed(out):
+    """The checkpoint directories of a run that carry the commit marker (meta.json)."""
+    root = os.path.join(out, "checkpoints")
+    return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "meta.json")))
