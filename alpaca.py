@@ -10,11 +10,13 @@ result is the same as padding, at a fraction of the token slots.
 
 The file reads top to bottom:
   1. Config: every flag, with Stanford Alpaca's recipe as defaults, and the parser made from it.
-  2. Records: reading {instruction, input, output} from .json, .jsonl, .parquet or a Hub dataset.
+  2. Records: reading {instruction, input, output} from .json, .jsonl, .parquet, a URL or a Hub dataset.
   3. Prompts and tokens: the template, SentencePiece, the loss boundary, truncation, a disk cache.
   4. The plan: which examples go into which row of which step, a pure function of (seed, data).
   5. Batches: the [R, T] arrays of step k, or only the rows of this process (multi-host).
-  6. main: `--dry_run` prints data statistics; training arrives with issue 5.
+  6. From flags to data; 7. several hosts; 8. checkpoints; 9. training.
+  10. The memory plan: what one device holds at the peak of a step, XLA's figure, before any is rented.
+  11. Hugging Face export and generation; 12. main (`--dry_run`: the data plan and the memory plan).
 
 Bad input (flags, data, tokenizer) raises InputError with a message that names the flag, file or
 record; main prints it and exits with status 2.
@@ -31,9 +33,12 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +47,14 @@ import sentencepiece as spm
 
 # ----------------------------------------------------------------------------------------------------
 # 1. Config
+
+
+# Stanford's 52K records, as released: alpaca_data.json at a pinned commit of tatsu-lab/stanford_alpaca. A
+# download counts only if its git blob id (sha1 of b"blob <size>\0" + the bytes, what `git hash-object`
+# prints) is the one that commit records, so a changed, cut or substituted file is never taken for the data.
+ALPACA_DATA_URL = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
+                   "761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json")
+PINNED_DOWNLOADS = {ALPACA_DATA_URL: "3779ddbc040543ab1834ef216c983d6fcc06cc9a"}  # URL -> git blob id
 
 
 def _f(default, help):
@@ -53,9 +66,12 @@ class Config:
     # What to train on.
     model: str = _f("meta-llama/Llama-2-7b-hf", "Hugging Face model: a local directory or a Hub repo id")
     tokenizer: str = _f("", "tokenizer.model file, a directory holding one, or a Hub repo id; '' = --model")
-    data: str = _f("tatsu-lab/alpaca", "Alpaca records: a .json list, .jsonl, .parquet, a directory of them, "
-                                       "or a Hub dataset id")
-    cache_dir: str = _f(".cache", "where tokenized data is cached (keyed by data, tokenizer, template, max_len)")
+    data: str = _f(ALPACA_DATA_URL, "Alpaca records: a .json list, .jsonl, .parquet, a directory of them, an "
+                                    "http(s) URL of a .json/.jsonl file (downloaded once into --cache_dir), or a "
+                                    "Hub dataset id (parquet ones need pyarrow); the default is Stanford's "
+                                    "alpaca_data.json at a pinned commit, checked by its git blob id")
+    cache_dir: str = _f(".cache", "where downloaded data, tokenized data (keyed by data, tokenizer, template, "
+                                  "max_len) and --dry_run's memory figures are cached")
     # How much: Stanford trains 3 epochs of 52,002 records at 128 a step, about 1218 steps.
     steps: int = _f(0, "optimizer steps; 0 = as many as --epochs takes")
     epochs: int = _f(3, "passes over the data, each in a fresh order from --seed (used when --steps is 0)")
@@ -70,7 +86,8 @@ class Config:
     seq_len: int = _f(2048, "tokens per packed row; with --no_pack, every example is padded to this length")
     no_pack: bool = _f(False, "one example per row, padded to --seq_len (what Stanford and Levanter do)")
     data_parallel: int = _f(0, "plan the rows of a step for this many devices (a multiple of it); 0 = the "
-                               "devices here. --dry_run for another machine, or the same plan on fewer devices "
+                               "devices here, or when resuming, the count the checkpoint's run planned for. "
+                               "--dry_run for another machine, or the same plan on fewer devices "
                                "(training needs a multiple of the device count)")
     # Optimizer: AdamW, 3% linear warmup then cosine to 0, as Stanford's Trainer arguments.
     lr: float = _f(2e-5, "peak learning rate")
@@ -100,8 +117,12 @@ class Config:
     checkpoint_every: int = _f(200, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(10, "steps between progress lines")
-    dry_run: bool = _f(False, "read, tokenize and pack the data, print one JSON line of statistics, exit "
-                              "(loads only the tokenizer, never the weights)")
+    dry_run: bool = _f(False, "read, tokenize and pack the data, compile the train step for the planned devices "
+                              "(--data_parallel) to find the memory one device needs, print it and one JSON line "
+                              "of statistics, exit (reads only config.json and the tokenizer, never the weights)")
+    device_memory_gb: float = _f(0.0, "memory of one device in GB, for --dry_run's memory plan; 0 = the HBM of "
+                                      "the TPU here, or the 75%% of a GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_"
+                                      "FRACTION), when known; on CPU a table of common devices")
     hf_save_path: str = _f("", "directory for Hugging Face exports: DIR/step_N every --hf_save_steps, DIR/final "
                                "at the end; '' = OUT/hf")
     hf_save_steps: int = _f(0, "steps between Hugging Face exports; 0 = only at the end")
@@ -115,6 +136,10 @@ class Config:
     preset: str = _f("", "start from a named set of flags, flags given explicitly still win: 'demo' = "
                         "stories260K on the Alpaca sample in tests/assets, 60 steps on CPU in a few minutes; "
                         "'alpaca-lora' = Levanter's Alpaca-LoRA (rank 8, alpha 8, all seven matrices, lr 3e-4)")
+
+    def __post_init__(self):
+        if not self.param_dtype:  # LoRA keeps the frozen base in bfloat16: nothing is added to it, so nothing is lost
+            object.__setattr__(self, "param_dtype", "bfloat16" if self.lora_rank else "float32")
 
 
 class InputError(Exception):
@@ -150,6 +175,14 @@ def check_config(c):
             raise InputError(f"--{name} must be at least 1, got {getattr(c, name)}")
     if not 0 <= c.warmup_ratio <= 1:
         raise InputError(f"--warmup_ratio must be in [0, 1], got {c.warmup_ratio}")
+    if not c.lr > 0:  # written so that NaN fails too
+        raise InputError(f"--lr must be positive, got {c.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(c, name) < 1:
+            raise InputError(f"--{name} must be in [0, 1), got {getattr(c, name)}")
+    for name in ("eps", "weight_decay", "grad_clip", "device_memory_gb"):
+        if not getattr(c, name) >= 0:
+            raise InputError(f"--{name} must be >= 0, got {getattr(c, name)}")
     if c.lora_rank < 0:
         raise InputError(f"--lora_rank must be >= 0 (0 = full fine-tune), got {c.lora_rank}")
     if not c.lora_alpha > 0:
@@ -188,13 +221,16 @@ def lora_config(c, mc):
 # 2. Records
 
 
-def load_records(source):
-    """Alpaca records [{instruction, input, output}] from a file, a directory of files, or a Hub dataset.
+def load_records(source, cache_dir=".cache"):
+    """Alpaca records [{instruction, input, output}] from a file, a directory of files, an http(s) URL of a
+    .json/.jsonl file (downloaded into cache_dir), or a Hub dataset.
 
     `input` may be missing (= ""); every present field must be a string. Errors name the file and the
     line (.jsonl, malformed .json) or the record number (0-based index in the file's list).
     """
-    if os.path.isdir(source):
+    if source.startswith(("http://", "https://")):
+        files = [download(source, cache_dir)]
+    elif os.path.isdir(source):
         files = _data_files(source)
     elif os.path.isfile(source):
         files = [source]
@@ -217,6 +253,56 @@ def _data_files(directory):
     found = [f for ext in ("json", "jsonl", "parquet")
              for f in glob.glob(os.path.join(directory, "**", f"*.{ext}"), recursive=True)]
     return sorted(f for f in found if not os.path.basename(f).startswith("."))
+
+
+def git_blob_id(path):
+    """What `git hash-object` prints for the file: sha1 of b"blob <size>\\0" followed by its bytes."""
+    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download(url, cache_dir):
+    """The local copy of a .json/.jsonl URL in cache_dir/downloads, fetched only when missing. The bytes go
+    to a temporary file that becomes the cache entry (one rename) only once complete, and, for a URL in
+    PINNED_DOWNLOADS, only if its git blob id is the pinned one: a failed, cut or wrong download leaves
+    nothing that a later run would read."""
+    import urllib.parse
+    import urllib.request
+    ext = os.path.splitext(urllib.parse.urlparse(url).path)[1]
+    if ext not in (".json", ".jsonl"):
+        raise InputError(f"--data {url}: a URL must name a .json or .jsonl file")
+    folder = os.path.join(cache_dir, "downloads")
+    path = os.path.join(folder, hashlib.sha256(url.encode()).hexdigest()[:20] + ext)
+    if os.path.exists(path):
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-", suffix=".part")
+    except OSError as e:
+        raise InputError(f"--cache_dir {cache_dir}: cannot write the download of {url} there ({e})")
+    print(f"downloading {url} ...", file=sys.stderr, flush=True)
+    try:
+        with os.fdopen(fd, "wb") as fh, urllib.request.urlopen(url, timeout=60) as response:
+            shutil.copyfileobj(response, fh, 1 << 20)
+            size, expected = fh.tell(), response.headers.get("Content-Length")
+        if expected is not None and size != int(expected):
+            raise InputError(f"--data {url}: the download stopped after {size} of {expected} bytes")
+        blob = git_blob_id(tmp)
+        if url in PINNED_DOWNLOADS and blob != PINNED_DOWNLOADS[url]:
+            raise InputError(f"--data {url}: the downloaded file ({size} bytes) has git blob id {blob}, not the "
+                             f"pinned {PINNED_DOWNLOADS[url]}: not the file this URL should serve")
+        os.replace(tmp, path)
+        return path
+    except InputError:
+        raise
+    except Exception as e:  # HTTP errors, resets, timeouts, a body cut short: all mean "no data from here"
+        raise InputError(f"--data {url}: the download failed ({type(e).__name__}: {e})")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _download_dataset(repo_id):
@@ -611,18 +697,23 @@ def global_batch(local, sharding, rows_per_step, seq_len):
 # 6. From flags to data
 
 
+def step_rows(c, lengths, data_parallel, devices=None):
+    """(rows per step, micro-batches per step) of these flags, rows planned for `data_parallel` devices."""
+    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
+                             pack=not c.no_pack)
+    return R, micro_batches(R, c.micro_batch_size, devices or data_parallel)
+
+
 def prepare_data(c, data_parallel, devices=None):
     """Records -> examples -> plan, as the flags say, with rows planned for `data_parallel` devices and
     split over `devices` (default: the same). Returns (examples, plan, info for the logs)."""
-    records = load_records(c.data)
+    records = load_records(c.data, c.cache_dir)
     sp = load_tokenizer(c.tokenizer or c.model)
     t0 = time.perf_counter()
     examples, stats, hit = tokenize_cached(records, sp, c.max_len, c.cache_dir)
     seconds = time.perf_counter() - t0
     lengths = example_lengths(examples)
-    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
-                             pack=not c.no_pack)
-    micro = micro_batches(R, c.micro_batch_size, devices or data_parallel)
+    R, micro = step_rows(c, lengths, data_parallel, devices)
     plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
                       steps=c.steps, pack=not c.no_pack, data_parallel=data_parallel)
     info = {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
@@ -712,18 +803,19 @@ def agree(value):
     return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
-def all_processes(flag):
-    """The flag of every process, as a list (the same list on every process)."""
+def all_processes(*flags):
+    """The flags of every process, one tuple per process (the same list on every process)."""
     import jax
     if jax.process_count() == 1:
-        return [bool(flag)]
+        return [tuple(bool(f) for f in flags)]
     from jax.experimental import multihost_utils
-    return [bool(f) for f in np.asarray(multihost_utils.process_allgather(np.array([flag]))).reshape(-1)]
+    rows = np.asarray(multihost_utils.process_allgather(np.array(flags, bool))).reshape(-1, len(flags))
+    return [tuple(bool(f) for f in row) for row in rows]
 
 
 def check_shared_out(out):
     """With several processes, --out must be one directory that all of them see: each writes its own
-    checkpoint shards there and process 0 renames the checkpoint once all are written."""
+    checkpoint shards there and process 0 commits the checkpoint once all are written."""
     import jax
     if jax.process_count() == 1:
         return
@@ -733,7 +825,7 @@ def check_shared_out(out):
         open(probe, "w").close()
     barrier("shared-out-written")
     seen = any(os.path.exists(probe) or time.sleep(0.5) for _ in range(10))  # network filesystems may lag
-    blind = [i for i, ok in enumerate(all_processes(seen)) if not ok]
+    blind = [i for i, (ok,) in enumerate(all_processes(seen)) if not ok]
     if jax.process_index() == 0:
         os.remove(probe)
     if blind:
@@ -744,19 +836,64 @@ def check_shared_out(out):
 # ----------------------------------------------------------------------------------------------------
 # 8. Checkpoints
 #
-# OUT/checkpoints/step_00000100/ holds process_00000.msgpack ... (each process writes only the shards of
-# its own devices: parameters and AdamW state) and meta.json (step, flags, model config, data fingerprint).
-# A checkpoint is written as step_X.tmp/ and renamed to step_X/ by process 0 once every process has
-# written its file, so a crash mid-write leaves the previous checkpoint as the latest complete one. With
-# several hosts, OUT must be a filesystem they all see (NFS, a GCS FUSE mount, ...).
+# OUT/checkpoints/step_00000100/ holds, for each process i, process_0000i.bin (the raw bytes of the slices
+# of every saved array that its own devices hold: parameters and AdamW state) and process_0000i.json (its
+# index: the name, start, shape, dtype and byte offset of each slice), and meta.json (step, flags, model
+# config, data fingerprint, and the device count the data plan was made for).
+#
+# The commit protocol renames no directory. Object-store mounts (Cloud Storage FUSE, the usual shared
+# storage of a TPU pod; blobfuse) rename a directory only when mounted with special options, and never
+# atomically; a file rename they emulate (copy, then delete).
+#   1. Each process writes its two files under temporary names, flushes them to storage (fsync) and renames
+#      each into place.
+#   2. The processes tell each other that they have finished (a gather at a step boundary, below).
+#   3. Process 0 writes meta.json, also under a temporary name then renamed: meta.json is the commit marker.
+# A checkpoint is complete if and only if its meta.json exists: listing, resuming and pruning see only
+# complete ones. A directory without meta.json (a crash before 3) is ignored, and deleted by the next run at
+# start. Pruning, at each commit, deletes the meta.json of the checkpoints older than the newest --keep (a
+# crash can never leave a committed incomplete one); their files, like any uncommitted directory's, are
+# deleted by process 0's next writer thread, or right away after a synchronous checkpoint (deleting a
+# checkpoint's files takes a while: not on the training path).
+#
+# Writes run in the background. At a checkpoint the loop copies this process's slices to host memory (the
+# step waits for that copy only; it must be taken before the next step, which donates the device buffers)
+# and a thread writes the files while training goes on. At every step boundary the processes exchange
+# three flags each (SIGTERM received, write finished, write failed): once every thread has finished, process
+# 0 commits; if one failed, every process stops with an error. At most one write is in flight: the next
+# checkpoint, an HF export and the end of training wait for it. SIGTERM and the last step write
+# synchronously. Host memory for the copy: one checkpoint of this process's devices (parameters and both
+# AdamW moments, 12 bytes a parameter: 81 GB for Llama-2-7B, 20 GB on each of a v3-32's 4 hosts).
+#
+# Any layout reads any checkpoint. For each slice its devices need, a process reads the overlapping parts
+# of the saved slices from whichever process's file holds them, memory-mapped, so that only those bytes are
+# read. A run written on N devices (P processes) continues on M devices (Q processes) wherever the rows of
+# a step and hidden_size divide by M; the data plan stays the one the run started with (meta.json's
+# data_parallel), so every step holds the same examples.
 # Nothing random happens during training (no dropout) and the data order is a pure function of
 # (seed, step), so (params, opt_state, step) is the whole state: a resumed run computes exactly what the
-# uninterrupted one would have.
+# uninterrupted one would have, bit for bit on the same layout, up to float32 summation order on another.
 
 # Flags that change what a run computes: a checkpoint written under other values is refused.
+# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
 RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
                "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
-               "seed", "param_dtype", "compute_dtype", "data_parallel", "lora_rank", "lora_alpha", "lora_targets")
+               "seed", "param_dtype", "compute_dtype", "lora_rank", "lora_alpha", "lora_targets")
+
+
+class CheckpointFailed(Exception):
+    """A checkpoint could not be written: the run stops, keeping the last complete checkpoint."""
+
+
+@dataclass(frozen=True)
+class PendingWrite:
+    """Checkpoint `step`, being written by this process's `thread`; `errors` receives its exception."""
+    step: int
+    thread: threading.Thread
+    errors: list
+
+
+def checkpoint_dir(out, step):
+    return os.path.join(out, "checkpoints", f"step_{step:08d}")
 
 
 def _leaves_with_names(tree):
@@ -765,47 +902,143 @@ def _leaves_with_names(tree):
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def save_checkpoint(out, step, state, meta, keep):
-    """Write state (a pytree of global jax.Arrays) as checkpoint `step`; keep the newest `keep`."""
+def _fault(point):
+    """Fault injection for the tests: ALPACA_CRASH_AT=POINT[:SIGNAL] sends SIGNAL (SIGKILL) to this process at
+    POINT: writing-N (halfway through writing checkpoint N), checkpoint-N (its files written, not committed),
+    step-N (after step N)."""
+    where, _, sig = os.environ.get("ALPACA_CRASH_AT", "").partition(":")
+    if where == point:
+        os.kill(os.getpid(), signal.Signals[sig or "SIGKILL"])
+
+
+@contextmanager
+def _replaced(path, mode):
+    """Write `path` under a temporary name, flush it to storage, then rename it into place."""
+    tmp = path + ".partial"
+    try:
+        with open(tmp, mode) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def start_checkpoint(out, step, state):
+    """Copy this process's slices of `state` (a pytree of global jax.Arrays) to host memory, then write them
+    into checkpoint `step` in a background thread (step 1 of the protocol). The caller waits for the copy only."""
     import jax
-    import msgpack
-    root = os.path.join(out, "checkpoints")
-    final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f"step_{step:08d}.tmp")
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    barrier("checkpoint-dir")
-    part = os.path.join(tmp, f"process_{jax.process_index():05d}.msgpack")
-    with open(part + ".partial", "wb") as fh:
-        packer = msgpack.Packer(use_bin_type=True)
-        for name, arr in _leaves_with_names(state):
-            seen = set()
-            for shard in arr.addressable_shards:  # one record per distinct slice this process holds
-                start = tuple(s.indices(n)[0] for s, n in zip(shard.index, arr.shape))
-                if start in seen:
-                    continue
+    shards = []
+    for name, arr in _leaves_with_names(state):
+        seen = set()
+        for shard in arr.addressable_shards:  # each distinct slice once (a replicated one is on every device)
+            start = tuple(s.indices(n)[0] for s, n in zip(shard.index, arr.shape))
+            if start not in seen:
                 seen.add(start)
-                data = np.asarray(shard.data)
-                fh.write(packer.pack({"name": name, "start": list(start), "shape": list(data.shape),
-                                      "dtype": str(data.dtype), "data": data.tobytes()}))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(part + ".partial", part)
-    if os.environ.get("ALPACA_CRASH_AT") == f"checkpoint-{step}":  # fault injection for the resume tests
-        os.kill(os.getpid(), signal.SIGKILL)
-    barrier("checkpoint-written")
+                shard.data.copy_to_host_async()  # all transfers start at once
+                shards.append((name, start, shard.data))
+    pieces = [(name, start, np.array(data)) for name, start, data in shards]  # a copy, not a view of the buffer
+    base = os.path.join(checkpoint_dir(out, step), f"process_{jax.process_index():05d}")
+    first, errors = jax.process_index() == 0, []
+
+    def write():
+        try:
+            if first:
+                remove_uncommitted(out, but=step)  # the files of pruned checkpoints
+            _write_pieces(base, pieces, step)
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
+    thread.start()
+    return PendingWrite(step, thread, errors)
+
+
+def _write_pieces(base, pieces, step):
+    """BASE.bin (the slices' bytes, each at a 64-byte aligned offset) and BASE.json (its index)."""
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    index, offset = [], 0
+    with _replaced(base + ".bin", "wb") as fh:
+        for i, (name, start, data) in enumerate(pieces):
+            if i == len(pieces) // 2:
+                _fault(f"writing-{step}")
+            fh.write(b"\0" * (-offset % 64))
+            offset += -offset % 64
+            fh.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)  # any dtype, bfloat16 included
+            index.append({"name": name, "start": list(start), "shape": list(data.shape), "dtype": str(data.dtype),
+                          "offset": offset})
+            offset += data.nbytes
+    with _replaced(base + ".json", "w") as fh:
+        json.dump({"pieces": index}, fh)
+    _fault(f"checkpoint-{step}")
+
+
+def finish_checkpoint(pending, out, meta, keep, wait=True):
+    """At a step boundary, on every process: commit the pending write (or None) if every process's thread
+    has finished, waiting for them if `wait`; raise CheckpointFailed on every process if one failed.
+    Returns (the write still pending or None, whether any process received SIGTERM)."""
+    if pending and wait:
+        pending.thread.join()
+    done = pending is None or not pending.thread.is_alive()
+    failed = done and bool(pending and pending.errors)
+    flags = all_processes(_Preempted.requested, done, failed)  # one gather serves SIGTERM and the writes
+    preempted = any(f[0] for f in flags)
+    if pending is None or not all(f[1] for f in flags):
+        return pending, preempted
+    failed_on = [i for i, f in enumerate(flags) if f[2]]
+    if failed_on:
+        kept = list_checkpoints(out)
+        why = f": {type(pending.errors[0]).__name__}: {pending.errors[0]}" if pending.errors else ""
+        raise CheckpointFailed(f"writing checkpoint {checkpoint_dir(out, pending.step)} failed on process(es) "
+                               f"{failed_on}{why}. Nothing was committed for step {pending.step}; the latest complete "
+                               f"checkpoint is {'step ' + str(kept[-1]) if kept else 'none'}.")
+    commit_checkpoint(out, pending.step, meta, keep)
+    return None, preempted
+
+
+def commit_checkpoint(out, step, meta, keep):
+    """Step 3, once every process has written its files: process 0 writes meta.json, then prunes the
+    complete checkpoints older than the newest `keep` (their meta.json; remove_uncommitted deletes the rest)."""
+    import jax
+    if jax.process_index() != 0:
+        return
+    with _replaced(os.path.join(checkpoint_dir(out, step), "meta.json"), "w") as fh:
+        json.dump(dict(meta, step=step, processes=jax.process_count(), devices=jax.device_count()), fh, indent=1)
+    for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
+        os.remove(os.path.join(checkpoint_dir(out, old), "meta.json"))
+
+
+def save_checkpoint(out, step, state, meta, keep):
+    """Write state (a pytree of global jax.Arrays) as checkpoint `step`, commit it and keep the newest
+    `keep`, waiting for all of it. Every process calls it. Returns the checkpoint's directory."""
+    import jax
+    finish_checkpoint(start_checkpoint(out, step, state), out, meta, keep)
     if jax.process_index() == 0:
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(dict(meta, step=step, processes=jax.process_count(), devices=jax.device_count()), fh, indent=1)
-        os.replace(tmp, final)  # the checkpoint exists from here on, complete
-        for old in list_checkpoints(out)[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(root, f"step_{old:08d}"), ignore_errors=True)
-    barrier("checkpoint-done")
-    return final
+        remove_uncommitted(out)
+    return checkpoint_dir(out, step)
+
+
+def checkpoint_after_step(pending, c, step, steps, state, meta, say):
+    """The loop's checkpointing after `step`, on every process: commit or fail the pending write
+    (finish_checkpoint), then write checkpoint `step` if due: every --checkpoint_every steps in the
+    background, at the end and on SIGTERM (to any process) synchronously. Returns (pending, preempted)."""
+    _fault(f"step-{step}")
+    pending, preempted = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints, wait=False)
+    if preempted or step == steps:
+        finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)
+        say(f"checkpoint {save_checkpoint(c.out, step, state, meta, c.keep_checkpoints)}")
+        return None, preempted
+    if c.checkpoint_every and step % c.checkpoint_every == 0:
+        finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)  # at most one write in flight
+        pending = start_checkpoint(c.out, step, state)
+        say(f"checkpoint {checkpoint_dir(c.out, step)} (writing in the background)")
+    return pending, preempted
 
 
 def list_checkpoints(out):
-    """Steps of the complete checkpoints in OUT, oldest first (*.tmp directories are incomplete)."""
+    """Steps of the complete (committed) checkpoints in OUT, oldest first."""
     root = os.path.join(out, "checkpoints")
     if not os.path.isdir(root):
         return []
@@ -813,9 +1046,31 @@ def list_checkpoints(out):
                   if re.fullmatch(r"step_\d{8}", d) and os.path.exists(os.path.join(root, d, "meta.json")))
 
 
+def remove_uncommitted(out, but=-1):
+    """Delete the checkpoint directories without meta.json, but that of step `but` (being written): pruned
+    checkpoints and what interrupted writes left. Process 0 only, while no other write is in flight."""
+    root = os.path.join(out, "checkpoints")
+    for d in os.listdir(root) if os.path.isdir(root) else []:
+        path = os.path.join(root, d)
+        if re.fullmatch(r"step_\d{8}", d) and os.path.isdir(path) and d != f"step_{but:08d}" \
+                and not os.path.exists(os.path.join(path, "meta.json")):
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def read_checkpoint_meta(out, step):
-    with open(os.path.join(out, "checkpoints", f"step_{step:08d}", "meta.json")) as fh:
+    with open(os.path.join(checkpoint_dir(out, step), "meta.json")) as fh:
         return json.load(fh)
+
+
+def resume_point(out):
+    """(step, data_parallel) of the latest complete checkpoint in OUT, (0, 0) if there is none, as process 0
+    sees them: its view of the shared --out decides."""
+    import jax
+    step = data_parallel = 0
+    done = list_checkpoints(out) if jax.process_index() == 0 else []
+    if done:
+        step, data_parallel = done[-1], read_checkpoint_meta(out, done[-1]).get("data_parallel", 0)
+    return agree(step), agree(data_parallel)
 
 
 def unwritable(directory, probe_name):
@@ -859,7 +1114,6 @@ def weights_fingerprint(model_dir):
 
 def check_resumable(meta, c, model_config, fingerprint, where, base_fingerprint=None):
     """Refuse a checkpoint whose run computed something else, naming the first settings that differ."""
-    import jax
     saved = {k: meta["config"].get(k, Config.__dataclass_fields__[k].default) for k in RESUME_KEYS}
     if bool(saved["lora_rank"]) != bool(c.lora_rank):
         kind = {False: "a full fine-tune (all weights)", True: "LoRA (adapters only)"}
@@ -873,69 +1127,60 @@ def check_resumable(meta, c, model_config, fingerprint, where, base_fingerprint=
         diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
     if meta.get("base_fingerprint") != base_fingerprint:
         diffs.append("the base model's weights (--model holds other weights than those the adapters were trained on)")
-    if meta["processes"] != jax.process_count() or meta["devices"] != jax.device_count():
-        diffs.append(f"{meta['processes']} processes x {meta['devices']} devices "
-                     f"(this run: {jax.process_count()} x {jax.device_count()})")
+    if c.data_parallel and c.data_parallel != meta.get("data_parallel"):
+        diffs.append(f"--data_parallel {meta.get('data_parallel')} (this run: {c.data_parallel})")
     if diffs:
         raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
                          ". Use the same settings to resume, or another --out to start afresh.")
 
 
-def checkpoint_like(mc, mesh, shapes, specs, lc):
-    """What a checkpoint holds, as jax.ShapeDtypeStructs with their shardings, for load_checkpoint: the
-    parameters (shapes, specs) or, with LoRA (lc), the adapters alone; and their AdamW state."""
-    import jax
-    import jax.numpy as jnp
-    import llama
-    import sharding
-    from jax.sharding import NamedSharding
-    if lc:
-        key, trained = "lora", jax.tree.map(
-            lambda s, sp: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, sp)),
-            llama.lora_shapes(mc, lc), sharding.lora_specs(mc, lc), is_leaf=lambda s: isinstance(s, tuple))
-    else:
-        key, trained = "params", jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                                              shapes, specs)
-    m = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32, sharding=s.sharding), trained)
-    count = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return {key: trained, "opt_state": {"mu": m, "nu": m, "step": count}}
-
-
 def load_checkpoint(out, step, like):
     """The state saved at `step`, shaped and sharded like `like` (a pytree of jax.ShapeDtypeStruct with
-    .sharding). Each process reads only its own file: the layout must be the one it was written with."""
+    .sharding), whatever device layout wrote it. Each slice this process's devices need is assembled from the
+    overlapping parts of the saved slices, read memory-mapped from whichever process's file holds them."""
     import jax
-    import msgpack
-    path = os.path.join(out, "checkpoints", f"step_{step:08d}", f"process_{jax.process_index():05d}.msgpack")
-    pieces = {}
-    with open(path, "rb") as fh:
-        for rec in msgpack.Unpacker(fh, raw=False, max_buffer_size=2**62):
-            data = np.frombuffer(rec["data"], dtype=np.dtype(rec["dtype"])).reshape(rec["shape"])
-            pieces[(rec["name"], tuple(rec["start"]))] = data
+    directory = checkpoint_dir(out, step)
+    saved = {}  # name -> {(start, shape): (file, dtype, offset)}, each distinct slice once
+    for index in sorted(glob.glob(os.path.join(directory, "process_*.json"))):
+        with open(index) as fh:
+            for p in json.load(fh)["pieces"]:
+                saved.setdefault(p["name"], {}).setdefault((tuple(p["start"]), tuple(p["shape"])),
+                                                           (index[:-5] + ".bin", np.dtype(p["dtype"]), p["offset"]))
+    files = {}
+
+    def piece(file, dtype, offset, shape):
+        if file not in files:
+            files[file] = np.memmap(file, np.uint8, mode="r")
+        return files[file][offset:offset + dtype.itemsize * math.prod(shape)].view(dtype).reshape(shape)
 
     def build(name, leaf):
         def read(index):
-            start = tuple(s.indices(n)[0] for s, n in zip(index, leaf.shape))
-            if (name, start) not in pieces:
-                raise InputError(f"{path}: no slice of {name} starting at {start}; was it written with "
-                                 "another device layout?")
-            return pieces[(name, start)]
+            lo = [s.indices(n)[0] for s, n in zip(index, leaf.shape)]
+            hi = [s.indices(n)[1] for s, n in zip(index, leaf.shape)]
+            local, filled = np.empty([b - a for a, b in zip(lo, hi)], leaf.dtype), 0
+            for (start, shape), (file, dtype, offset) in saved.get(name, {}).items():
+                a = [max(x, s) for x, s in zip(lo, start)]
+                b = [min(x, s + n) for x, s, n in zip(hi, start, shape)]
+                if any(x >= y for x, y in zip(a, b)):
+                    continue  # no overlap
+                if dtype != leaf.dtype:
+                    raise InputError(f"{directory}: {name} was saved as {dtype}, this run needs {leaf.dtype}")
+                part = piece(file, dtype, offset, shape)[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
+                local[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = part
+                filled += math.prod(y - x for x, y in zip(a, b))
+            if filled != local.size:
+                raise InputError(f"{directory}: the saved slices of {name} do not cover [{lo}, {hi})")
+            return local
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, read)
 
-    named = _leaves_with_names(like)
-    leaves = [build(name, leaf) for name, leaf in named]
+    leaves = [build(name, leaf) for name, leaf in _leaves_with_names(like)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 # ----------------------------------------------------------------------------------------------------
 # 9. Training
 #
-# Model FLOPs per token for MFU (nanoGPT/PaLM convention): 6 N for the matmuls of the forward and backward
-# pass (N = matmul weights, LM head included, embedding lookup excluded) plus the attention scores and
-# values, 6 L H E per pair of (query, earlier key) of the same example. Only useful work is counted: the
-# masked-out blocks that plain attention computes across packed examples are not. With LoRA the frozen
-# matrices get no weight gradient: 4 N (forward, and the backward's activation gradients); the adapters' own
-# FLOPs (under 1% at rank 8) are left out.
+# MFU: model FLOPs (llama.train_flops) over the datasheet peak.
 
 PEAK_TFLOPS = {  # dense bf16 per jax device, from the datasheets
     "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
@@ -948,15 +1193,6 @@ def peak_tflops(device, override):
         return override
     kind = getattr(device, "device_kind", "")
     return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
-
-
-def step_flops(mc, example_lengths, frozen_weights=False):
-    D, L, V = mc.hidden_size, mc.num_hidden_layers, mc.vocab_size
-    HE, KE = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
-    n_matmul = L * (2 * D * HE + 2 * D * KE + 3 * D * mc.intermediate_size) + D * V
-    lengths = np.asarray(example_lengths, np.float64)
-    pairs = float(np.sum(lengths * (lengths + 1) / 2))
-    return (4 if frozen_weights else 6) * n_matmul * float(lengths.sum()) + 6 * L * HE * 2 * pairs
 
 
 def _log_line(m, total):
@@ -974,6 +1210,43 @@ def _logged_step(line):
         return sys.maxsize
 
 
+def model_config(c, weights=True):
+    """(model directory, LlamaConfig), checked against the flags. weights=False (--dry_run) reads config.json
+    alone, and downloads nothing else of a Hub model; weights=True also checks the safetensors headers."""
+    import llama
+    try:
+        model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
+        if weights:
+            mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
+        else:
+            with open(os.path.join(model_dir, "config.json")) as fh:
+                mc = llama.LlamaConfig.from_hf(json.load(fh), source=os.path.join(model_dir, "config.json"))
+    except (llama.CheckpointError, OSError, ValueError) as e:
+        raise InputError(f"--model {c.model}: {e}")
+    if c.seq_len > mc.max_position_embeddings:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
+                         f"({mc.max_position_embeddings})")
+    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
+                         "which is not implemented")
+    for name in ("param_dtype", "compute_dtype", "hf_dtype"):
+        if getattr(c, name) not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
+    lora_config(c, mc)  # the LoRA flags against the model's shapes
+    return model_dir, mc
+
+
+def make_step(c, mc, mesh, steps, micro):
+    """The train step of these flags: what train() runs and what the memory plan compiles."""
+    import jax.numpy as jnp
+    import sharding
+    opt = sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
+                               grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
+                               total_steps=steps)
+    return sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
+                                    num_micro_batches=micro, remat=not c.no_remat, lora=lora_config(c, mc))
+
+
 class _Preempted:  # a flag the SIGTERM handler sets; the loop checkpoints and exits at the next step
     requested = False
 
@@ -989,21 +1262,8 @@ def train(c):
     t_launch = time.time()
 
     # Everything that can be wrong with the flags is found before anything is written or loaded.
-    try:
-        model_dir = llama.resolve_model_path(c.model)
-        mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
-    except (llama.CheckpointError, OSError) as e:
-        raise InputError(f"--model {c.model}: {e}")
+    model_dir, mc = model_config(c)
     lc = lora_config(c, mc)
-    if c.seq_len > mc.max_position_embeddings:
-        raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
-                         f"({mc.max_position_embeddings})")
-    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
-        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
-                         "which is not implemented")
-    for name in ("param_dtype", "compute_dtype", "hf_dtype"):
-        if getattr(c, name) not in ("float32", "bfloat16", "float16"):
-            raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
 
     if c.data_parallel % jax.device_count():
         raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
@@ -1012,8 +1272,14 @@ def train(c):
     dp = mesh.shape["fsdp"]
     if mc.hidden_size % dp:
         raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
-    examples, plan, info = prepare_data(c, c.data_parallel or dp, devices=dp)
+    start, recorded = resume_point(c.out)  # a resumed run keeps the data plan it started with
+    planned = c.data_parallel or recorded or dp
+    examples, plan, info = prepare_data(c, planned, devices=dp)
     R, T, steps, micro = plan["rows_per_step"], plan["seq_len"], plan["steps"], info["micro_batches"]
+    if R % dp:
+        raise InputError(f"--out {c.out}: the checkpoint of step {start} comes from a run whose steps have {R} rows "
+                         f"(planned for --data_parallel {planned}): they cannot be split over {dp} devices; resume "
+                         f"on a device count that divides {R}")
     if examples["tokens"].max() >= mc.vocab_size:
         raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
                          f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
@@ -1032,40 +1298,35 @@ def train(c):
         say(f"warning: a step holds ~{info['examples_per_step']:.0f} examples, not --batch_size {c.batch_size}: "
             f"{R} rows (a multiple of {dp} devices) of --seq_len {T}; a shorter --seq_len gets closer")
 
-    opt = sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                               grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
-                               total_steps=steps)
     param_dtype = jnp.dtype(c.param_dtype)
     if param_dtype != jnp.float32 and not lc:
         say(f"warning: --param_dtype {c.param_dtype} keeps the master weights in {c.param_dtype}: an update smaller "
             f"than ~1/256 of a weight is rounded away (at lr {c.lr:g} most of them are). Stanford's recipe and the "
             "default keep float32; use this only when memory forces it")
-    step_fn = sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
-                                       num_micro_batches=micro, remat=not c.no_remat, lora=lc)
+    step_fn = make_step(c, mc, mesh, steps, micro)
     shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
                           is_leaf=lambda s: isinstance(s, tuple))
     specs = sharding.param_specs(shapes, mesh)
     lengths = example_lengths(examples)
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
-            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples)}
+            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples),
+            "data_parallel": planned}
     if lc:
         meta["base_fingerprint"] = weights_fingerprint(model_dir)
 
     check_shared_out(c.out)
-    done = list_checkpoints(c.out)
-    start = agree(done[-1] if done else 0)  # what process 0 sees on the shared --out decides
-    if main_process:  # leftovers of a write that was interrupted
-        root = os.path.join(c.out, "checkpoints")
-        for d in os.listdir(root) if os.path.isdir(root) else []:
-            if d.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    if main_process:
+        remove_uncommitted(c.out)
     if start:
-        where = os.path.join(c.out, "checkpoints", f"step_{start:08d}")
-        check_resumable(read_checkpoint_meta(c.out, start), c, mc, meta["data_hash"], where,
-                        meta.get("base_fingerprint"))
-        state = load_checkpoint(c.out, start, checkpoint_like(mc, mesh, shapes, specs, lc))
+        where, saved = checkpoint_dir(c.out, start), read_checkpoint_meta(c.out, start)
+        check_resumable(saved, c, mc, meta["data_hash"], where, meta.get("base_fingerprint"))
+        # What to read into: the shapes and shardings of what the step updates (the parameters, or with LoRA
+        # the adapters alone) and of sharding.init_opt_state's state.
+        _, trained, o, _ = abstract_train_inputs(mc, mesh, param_dtype, R, T, lc)
+        state = load_checkpoint(c.out, start, {"lora" if lc else "params": trained, "opt_state": o})
         params, adapters, opt_state = state.get("params"), state.get("lora"), state["opt_state"]
-        say(f"resuming from {where} (step {start} of {steps})")
+        say(f"resuming from {where} (step {start} of {steps}, written by {saved['processes']} process(es) x "
+            f"{saved['devices']} devices)")
     else:
         params = None
     if params is None:  # a fresh start, or LoRA, whose checkpoints never hold the (frozen) base weights
@@ -1110,13 +1371,9 @@ def train(c):
     def lengths_of(k):
         return lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
 
-    def checkpoint(k):
-        trained = {"params": params} if adapters is None else {"lora": adapters}  # LoRA: never the frozen base
-        path = save_checkpoint(c.out, k, {**trained, "opt_state": opt_state}, meta, c.keep_checkpoints)
-        say(f"checkpoint {path}")
-
     t_window, tokens_window, flops_window, last_logged, step_times = time.time(), 0, 0.0, start, []
     batch = batch_of(start) if start < steps else None
+    pending = None  # the checkpoint being written in the background, if any
     for k in range(start, steps):
         t0 = time.time()
         if adapters is None:
@@ -1130,6 +1387,7 @@ def train(c):
         else:
             step_times.append(time.time() - t0)
         if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+            finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)  # the last good one
             kept = list_checkpoints(c.out)
             raise TrainingDiverged(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
                                    f"(lower --lr?). The last good checkpoint is "
@@ -1137,7 +1395,7 @@ def train(c):
         step = k + 1
         lens = lengths_of(k)
         tokens_window += int(lens.sum())
-        flops_window += step_flops(mc, lens, frozen_weights=bool(lc))
+        flops_window += llama.train_flops(mc, lens, frozen_weights=bool(lc))
         if step % c.log_every == 0 or step == steps:
             now = time.time()
             dt = max(now - t_window, 1e-9)
@@ -1154,13 +1412,14 @@ def train(c):
                 if wandb:
                     wandb.log(rec, step=step)
             t_window, tokens_window, flops_window, last_logged = now, 0, 0.0, step
-        preempted = _preempted_anywhere()
-        if preempted or step == steps or (c.checkpoint_every and step % c.checkpoint_every == 0):
-            checkpoint(step)
+        trained = {"params": params} if adapters is None else {"lora": adapters}  # LoRA: never the frozen base
+        pending, preempted = checkpoint_after_step(pending, c, step, steps, {**trained, "opt_state": opt_state},
+                                                   meta, say)
         if preempted:
             say(f"SIGTERM: checkpoint written at step {step}; exiting so that a supervisor restarts the run")
             return 143
         if c.hf_save_steps and step % c.hf_save_steps == 0 and step < steps:
+            pending = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)[0]  # host memory: one at a time
             export_hf(c, mc, params, model_dir, os.path.join(hf_root(c), f"step_{step:08d}"), say, adapters)
 
     final = os.path.join(hf_root(c), "final")
@@ -1195,13 +1454,226 @@ class TrainingDiverged(Exception):
     """A non-finite loss or gradient norm: the run stops, keeping the last good checkpoint."""
 
 
-def _preempted_anywhere():
-    """True on every process if any received SIGTERM, so that all write the (collective) checkpoint."""
-    return any(all_processes(_Preempted.requested))
+# ----------------------------------------------------------------------------------------------------
+# 10. The memory plan (--dry_run)
+#
+# What ONE device holds at the peak of a step, known before any accelerator is paid for. The figure is
+# XLA's, not a formula: a child process with N virtual CPU devices compiles the real train step
+# (make_step, what train() runs) for abstract inputs carrying their shardings (no weights are read) and
+# reports compiled.memory_analysis(). The arguments are the parameter shards, the AdamW moments and the
+# batch (split by their known sizes); the temporaries hold the float32 gradient shards (their known size)
+# and the activations, the gathered bfloat16 weights and whatever else the step needs at its peak.
+# Compiling the 7B step takes tens of seconds on 2 CPU cores, so every result is cached in --cache_dir.
+
+DEVICE_MEMORY_GB = {  # HBM per jax device (1e9 bytes), from the datasheets; a TPU v3 core has 16 GiB
+    "TPU v3": 17.18, "TPU v4": 34.36, "TPU v5 lite": 17.18, "TPU v5e": 17.18, "TPU v5p": 102.0,
+    "TPU v6 lite": 34.36, "TPU v6e": 34.36, "A100-SXM4-40GB": 40.0, "A100-PCIE-40GB": 40.0, "A100": 80.0,
+    "H100": 80.0, "H200": 141.0,
+}
+COMMON_DEVICES = {"TPU v3 core": "TPU v3", "TPU v5e": "TPU v5e", "TPU v4": "TPU v4", "A100-40GB": "A100-SXM4-40GB",
+                  "A100-80GB": "A100", "H100": "H100", "H200": "H200"}  # the table printed on CPU: name -> kind
+
+
+def device_memory_gb(device, override):
+    """--device_memory_gb, else what a step may use on this device: a known TPU's HBM, or the part of a
+    known GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); None on CPU."""
+    if override:
+        return override
+    kind = getattr(device, "device_kind", "")
+    gb = next((v for k, v in sorted(DEVICE_MEMORY_GB.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    if gb and getattr(device, "platform", "") == "gpu":
+        gb *= float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    return gb
+
+
+def abstract_train_inputs(mc, mesh, param_dtype, rows, seq_len, lc=None):
+    """(params, trained, opt_state, batch) of the train step as ShapeDtypeStructs with their shardings: what
+    the step compiles for, without a single weight in memory. `trained` is what the step updates: the
+    parameters, or with LoRA (lc) the float32 adapters (params are then the frozen base)."""
+    import jax
+    import llama
+    import sharding
+    from jax.sharding import NamedSharding, PartitionSpec
+    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
+                          is_leaf=lambda s: isinstance(s, tuple))
+    params = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                          sharding.param_specs(shapes, mesh))
+    trained = params if lc is None else jax.tree.map(
+        lambda s, sp: jax.ShapeDtypeStruct(s, np.float32, sharding=NamedSharding(mesh, sp)),
+        llama.lora_shapes(mc, lc), sharding.lora_specs(mc, lc), is_leaf=lambda s: isinstance(s, tuple))
+    # sharding.init_opt_state's state: float32 moments sharded as what is trained, a replicated int32 count.
+    moments = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, np.float32, sharding=p.sharding), trained)
+    count = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+    opt_state = {"mu": moments, "nu": moments, "step": count}
+    dtypes = {k: (np.float32 if k == "loss_mask" else np.int32) for k in sharding.BATCH_KEYS}  # as make_batch
+    batch = {k: jax.ShapeDtypeStruct((rows, seq_len), dtypes[k], sharding=sharding.batch_sharding(mesh))
+             for k in sharding.BATCH_KEYS}
+    return params, trained, opt_state, batch
+
+
+def _shard_bytes(tree):
+    import jax
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def compile_memory_child():
+    """In the child process (stdin: one JSON request): compile the step, print its memory as JSON."""
+    import jax
+    import llama
+    import sharding
+    request = json.load(sys.stdin)
+    c, mc = Config(**request["config"]), llama.LlamaConfig(**request["model_config"])
+    lc = lora_config(c, mc)
+    mesh = sharding.make_mesh()
+    params, trained, opt_state, batch = abstract_train_inputs(mc, mesh, jax.numpy.dtype(c.param_dtype),
+                                                              request["rows"], request["seq_len"], lc)
+    t0 = time.perf_counter()
+    step = make_step(c, mc, mesh, steps=1000, micro=request["micro_batches"])
+    base = (params,) if lc else ()  # LoRA's step takes the frozen base as its last argument
+    m = step.lower(trained, opt_state, batch, *base).compile().memory_analysis()
+    print(json.dumps({
+        "arguments": m.argument_size_in_bytes, "temporaries": m.temp_size_in_bytes,
+        "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+        "parameters": _shard_bytes([params, *([trained] if lc else [])]),  # LoRA: the base and the adapters
+        "adamw_moments": _shard_bytes([opt_state["mu"], opt_state["nu"]]),
+        "gradients": _shard_bytes(opt_state["mu"]),  # float32, shaped and sharded as what is trained
+        "compile_seconds": round(time.perf_counter() - t0, 1)}))
+
+
+def compiled_memory(c, mc, devices, rows, micro):
+    """XLA's memory figures (bytes per device) of the train step for `devices` devices and a step of
+    rows x --seq_len in `micro` micro-batches, compiled in a child process on virtual CPU devices; cached."""
+    import jax
+    seq_len = c.seq_len
+    request = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc), "rows": rows,
+               "seq_len": seq_len, "micro_batches": micro}
+    what = {**request, "devices": devices, "jax": jax.__version__,
+            "config": {k: getattr(c, k) for k in ("param_dtype", "compute_dtype", "no_remat", "lora_rank", "lora_alpha",
+                                                  "lora_targets")}}
+    path = os.path.join(c.cache_dir, "memory", hashlib.sha256(json.dumps(what, sort_keys=True).encode())
+                        .hexdigest()[:20] + ".json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    here = os.path.dirname(os.path.abspath(__file__))
+    print(f"memory plan: compiling the train step for {devices} devices, {rows} rows x {seq_len} tokens, "
+          f"{micro} micro-batch(es) ...", file=sys.stderr, flush=True)
+    child = subprocess.run([sys.executable, "-c", "import alpaca; alpaca.compile_memory_child()"], cwd=here,
+                           env=env, input=json.dumps(request), capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(f"compiling the train step for the memory plan failed:\n{child.stderr[-3000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh)
+    os.replace(path + ".tmp", path)
+    return result
+
+
+def memory_parts(m):
+    """Bytes per device at the peak of a step, by what holds them; the parts add up to the total."""
+    grads = m["gradients"] if m["temporaries"] >= m["gradients"] else 0
+    parts = {"parameters": m["parameters"], "adamw_moments": m["adamw_moments"],
+             "batch_and_step_count": m["arguments"] - m["parameters"] - m["adamw_moments"],
+             "gradients": grads, "activations_and_other_temporaries": m["temporaries"] - grads,
+             "outputs_not_aliased": m["outputs"] - m["aliased"]}
+    return {**parts, "total": sum(parts.values())}
+
+
+def memory_plan(c, mc, lengths, devices, limit_gb):
+    """The memory plan of these flags on `devices` devices: XLA's figures per device, whether they fit a
+    device of limit_gb, and if not, the flags that make them fit, each checked by its own compile."""
+    rows, micro = step_rows(c, lengths, devices)
+    plan = {"devices": devices, "rows": rows, "seq_len": c.seq_len, "micro_batches": micro,
+            **memory_parts(compiled_memory(c, mc, devices, rows, micro)), "device_memory_gb": limit_gb}
+    if not limit_gb:
+        return plan
+    plan["fits"] = plan["total"] <= limit_gb * 1e9
+    if not plan["fits"]:
+        plan["fixes"] = _fixes(c, mc, lengths, devices, plan, limit_gb * 1e9)
+    return plan
+
+
+def _fixes(c, mc, lengths, devices, plan, budget):
+    """Flags that make the step fit `budget` bytes per device, each checked by compiling it. Three kinds,
+    each a list along which memory falls, so a bisection finds the mildest change that fits in a few
+    compiles: on the same devices (only when parameters and AdamW state alone fit there), (1) more
+    micro-batches, fewer tokens per forward pass (the first split adds a float32 gradient accumulator, so it
+    can cost memory); (2) shorter rows, as many of them, i.e. fewer examples per step; (3) more devices,
+    the same flags. (bfloat16 master weights do not help: the update's float32 copies take it back.)"""
+    def fits(x):
+        x["total"] = memory_parts(compiled_memory(x["config"], mc, x["devices"], *step_rows(x["config"], lengths,
+                                                                                               x["devices"])))["total"]
+        return x["total"] <= budget
+
+    def candidate(n=devices, **flags):
+        return {"config": dataclasses.replace(c, **flags), "devices": n, "flags": flags}
+
+    tokens_per_pass = plan["rows"] // plan["micro_batches"] * plan["seq_len"]
+    shorter = [c.seq_len >> i for i in range(1, 8) if c.seq_len >> i >= c.max_len]
+    same_devices = plan["parameters"] + plan["adamw_moments"] < budget
+    reset = {"micro_batch_size": 0} if c.micro_batch_size else {}  # the rows change: a micro-batch may not divide them
+    kinds = [
+        sorted((candidate(**({"seq_len": t} if t != c.seq_len else {}), micro_batch_size=m)
+                for t in [c.seq_len] + shorter
+                for rows in [step_rows(dataclasses.replace(c, seq_len=t, micro_batch_size=0), lengths, devices)[0]]
+                for m in range(devices, rows, devices) if rows % m == 0 and m * t < tokens_per_pass),
+               key=lambda x: (-x["flags"]["micro_batch_size"] * x["config"].seq_len, -x["config"].seq_len)),
+        [candidate(seq_len=t, batch_size=max(1, c.batch_size * t // c.seq_len), **reset) for t in shorter],
+    ] if same_devices else []
+    kinds.append([candidate(n, data_parallel=n, **reset) for n in (2 * devices, 4 * devices) if mc.hidden_size % n == 0])
+    fixes = []
+    for kind in kinds:
+        found = _first_fitting(kind, fits)
+        if found:
+            fixes.append({"flags": " ".join(f"--{k} {v}" for k, v in found["flags"].items()),
+                          "changes": found["flags"], "devices": found["devices"], "total": found["total"]})
+    return fixes
+
+
+def _first_fitting(candidates, fits):
+    """The first candidate that fits, where fitting is monotone along the list (if one fits, all after it
+    do): check the last, then bisect. 1 + log2(len) checks."""
+    if not candidates or not fits(candidates[-1]):
+        return None
+    lo, hi = 0, len(candidates) - 1  # candidates[hi] fits
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(candidates[mid]) else (mid + 1, hi)
+    return candidates[hi]
+
+
+def format_memory_plan(p):
+    """The plan as a few lines for a person."""
+    gb = lambda b: f"{b / 1e9:7.2f} GB"  # noqa: E731
+    names = {"parameters": "parameters", "adamw_moments": "AdamW moments (mu, nu)",
+             "batch_and_step_count": "batch and step count", "gradients": "gradients (float32 shards)",
+             "activations_and_other_temporaries": "activations, gathered weights, other temporaries",
+             "outputs_not_aliased": "outputs not aliased to inputs"}
+    lines = [f"memory per device at the peak of a step: {p['devices']} devices, {p['rows']} rows x {p['seq_len']} "
+             f"tokens, {p['micro_batches']} micro-batch(es); XLA's figure for the compiled train step"]
+    lines += [f"  {names[k]:<52}{gb(p[k])}" for k in names]
+    lines.append(f"  {'total':<52}{gb(p['total'])}")
+    if p.get("device_memory_gb"):
+        verdict = "fits" if p["fits"] else "does NOT fit"
+        lines.append(f"  {verdict} a device of {p['device_memory_gb']:g} GB (--device_memory_gb)")
+        for f in p.get("fixes", []):
+            lines.append(f"  fits with {f['flags']}: {f['total'] / 1e9:.2f} GB per device on {f['devices']} devices")
+        if not p["fits"] and not p.get("fixes"):
+            lines.append("  no micro-batch, row length or device count tried fits: more devices, or a smaller model")
+    else:
+        fit = {name: "yes" if p["total"] <= DEVICE_MEMORY_GB[kind] * 1e9 else "no" for name, kind in COMMON_DEVICES.items()}
+        lines.append("  fits: " + ", ".join(f"{name} ({DEVICE_MEMORY_GB[COMMON_DEVICES[name]]:g} GB) {ok}"
+                                          for name, ok in fit.items()) + "; --device_memory_gb checks one")
+    lines.append("  a planning estimate: buffer assignment on CPU, where this was compiled, differs a little "
+                 "from a GPU's or TPU's")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------
-# 10. Hugging Face export, upload and generation
+# 11. Hugging Face export, upload and generation
 #
 # The export is a directory that transformers' AutoModelForCausalLM and AutoTokenizer load unchanged:
 # config.json, safetensors (sharded above 2 GB), generation_config.json and the tokenizer. We write the
@@ -1315,7 +1787,7 @@ def generate_main(argv):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 11. main
+# 12. main
 #
 # The demo preset: the README's first command. A real (tiny) pretrained Llama, stories260K, fine-tuned on
 # 2,000 real Alpaca records, both shipped in tests/assets/, in float32 on whatever devices there are. It
@@ -1344,10 +1816,28 @@ def parse_config(argv):
         # Paths of a preset are relative to this file, so the demo runs from any directory.
         defaults = {k: (os.path.join(here, v) if k in ("model", "data") else v) for k, v in PRESETS[preset].items()}
         parser.set_defaults(**defaults)
-    c = Config(**vars(parser.parse_args(argv)))
-    if not c.param_dtype:  # LoRA keeps the frozen base in bfloat16: nothing is added to it, so nothing is lost
-        c = dataclasses.replace(c, param_dtype="bfloat16" if c.lora_rank else "float32")
-    return c
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def plan_run(c):
+    """The data plan and the memory plan of these flags, from config.json and the tokenizer alone:
+    (data statistics, memory plan)."""
+    import jax
+    dp = c.data_parallel or jax.device_count()
+    examples, _, info = prepare_data(c, dp)
+    _, mc = model_config(c, weights=False)
+    if mc.hidden_size % dp:
+        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
+    limit = device_memory_gb(jax.devices()[0], c.device_memory_gb)
+    return info, memory_plan(c, mc, example_lengths(examples), dp, limit)
+
+
+def dry_run(c):
+    """--dry_run: the memory plan for a person on stderr, then everything as one JSON line on stdout."""
+    info, plan = plan_run(c)
+    print(format_memory_plan(plan), file=sys.stderr, flush=True)
+    print(json.dumps({**info, "memory": plan}))
+    return 0
 
 
 def main(argv=None):
@@ -1359,18 +1849,12 @@ def main(argv=None):
         c = parse_config(argv)
         check_config(c)
         if c.dry_run:
-            dp = c.data_parallel
-            if not dp:
-                import jax
-                dp = jax.device_count()
-            _, _, info = prepare_data(c, dp)
-            print(json.dumps(info))
-            return 0
+            return dry_run(c)
         init_distributed()
         return train(c)
     except InputError as e:
         status, message = 2, str(e)
-    except TrainingDiverged as e:
+    except (TrainingDiverged, CheckpointFailed) as e:
         status, message = 1, str(e)
     except Exception as e:
         if not _joined():

@@ -457,6 +457,29 @@ def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=Non
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
 
 
+# Model FLOPs of a training step, for MFU (nanoGPT/PaLM convention): 6 N per token for the matmuls of the
+# forward and backward passes (N = matmul weights, LM head included, embedding lookup excluded) plus the
+# attention scores and values, 6 H E per layer and pair of (query, earlier key) of the same example. Both
+# run per QUERY head: with grouped-query attention K < H kv heads shrink wk and wv (so N), not the pairs.
+# Only useful work is counted: the masked-out blocks that plain attention computes across packed examples,
+# padding and the remat recompute are not. Frozen weights (LoRA's base) need no weight gradient: 4 N per token
+# (forward, and the backward pass to the activations); the adapters' own rank-r matmuls are left out.
+
+
+def matmul_weights(c: LlamaConfig) -> int:
+    D, HE, KE = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    return c.num_hidden_layers * (2 * D * HE + 2 * D * KE + 3 * D * c.intermediate_size) + D * c.vocab_size
+
+
+def train_flops(c: LlamaConfig, example_lengths, frozen_weights: bool = False) -> float:
+    """FLOPs of one forward + backward pass over examples of these lengths (tokens each), as above."""
+    lengths = np.asarray(example_lengths, np.float64)
+    pairs = float(np.sum(lengths * (lengths + 1) / 2))
+    HE = c.num_attention_heads * c.head_dim
+    per_token = 4 if frozen_weights else 6
+    return per_token * matmul_weights(c) * float(lengths.sum()) + 6 * c.num_hidden_layers * HE * 2 * pairs
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 5. Generation with a KV cache
 # ---------------------------------------------------------------------------------------------------------
@@ -751,10 +774,11 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
     max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), copies of `copy_files` (e.g. the
     tokenizer.model) and extra JSON files {name: content}. With `lora` (adapters, scale lora_scale), the
-    adapted matrices are written merged: a plain Llama. Written atomically (_written_atomically).
+    adapted matrices are written merged: a plain Llama.
+    config.json, which every loader reads first, is the commit marker (_write_marked): a directory with
+    config.json is a complete export, and a failed export leaves a previous one complete and untouched.
     In a multi-process run every process must call this (the gathers are collective); only process 0 writes."""
     np_dtype = np.dtype(jnp.dtype(dtype))
-    path = os.path.abspath(path)
 
     # Plan the shards from the shapes first, so file names can say "of n" before any tensor is gathered.
     expected = _expected_tensors(c)
@@ -772,40 +796,67 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     files = ["model.safetensors"] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
     file_of = {name: files[k] for k, names in enumerate(shards) for name in names}
 
-    with _written_atomically(path) as tmp:
-        _write_export(tmp, c, params, np_dtype, tmp is not None, files, shards, file_of, sizes, copy_files,
-                      extra_files, lora, lora_scale)
+    def write(partial, writer):
+        return _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files,
+                             extra_files, lora, lora_scale)
+
+    return _write_marked(path, write, "config.json", c.to_hf(dtype=str(np_dtype)),
+                         stale=lambda f: f.startswith("model") and ".safetensors" in f)
+
+
+def _write_marked(path, write, marker, content, stale=lambda f: False):
+    """Write a directory whose JSON file `marker`, written last, says it is complete. No directory is renamed
+    (object-store mounts such as Cloud Storage FUSE cannot). write(partial, writer) writes every other file to
+    partial(name) = .NAME.partial (on process 0, writer=True; the other processes only join its gathers) and
+    returns their names; they are flushed to storage, and only then is the marker removed, the files renamed
+    into place, the files of a previous write that this one lacks (stale(name)) deleted, and the marker
+    written. A failure while writing leaves a previous directory in `path` complete and untouched (the
+    .partial files are removed, by the next write if not by this one); a crash in the short renaming phase
+    leaves a directory without the marker, which no reader takes for a complete one."""
+    writer = jax.process_index() == 0
+    path = os.path.abspath(path)
+    if writer:
+        os.makedirs(path, exist_ok=True)
+        _remove_partial(path)  # left by a write that was killed
+
+    def partial(name):
+        return os.path.join(path, f".{name}.partial")
+
+    try:
+        written = write(partial, writer)
+        for name in written:
+            with open(partial(name), "rb") as fh:
+                os.fsync(fh.fileno())
+    except BaseException:
+        if writer:  # nothing half-written is left behind
+            _remove_partial(path)
+        raise
+    if not writer:
+        return path
+    marker_path = os.path.join(path, marker)
+    if os.path.exists(marker_path):
+        os.remove(marker_path)
+    for name in written:
+        os.replace(partial(name), os.path.join(path, name))
+    for f in os.listdir(path):
+        if stale(f) and f not in written:
+            os.remove(os.path.join(path, f))
+    _write_json(partial(marker), content)
+    os.replace(partial(marker), marker_path)
     return path
 
 
-@contextlib.contextmanager
-def _written_atomically(path):
-    """A temporary directory beside `path` to write into (None on processes other than 0, which write nothing),
-    renamed to `path` when the block completes: a crash never leaves a directory that looks finished, a failure
-    removes the temporary one, and a previous `path` is replaced only by a complete new one."""
-    writer = jax.process_index() == 0
-    tmp = f"{path}.tmp-{os.getpid()}"
-    if writer:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    try:
-        yield tmp if writer else None
-    except BaseException:
-        if writer:  # nothing half-written is left behind
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if writer:  # swap into place: the old directory (if any) is removed only once the new one is complete
-        old = f"{path}.old-{os.getpid()}"
-        if os.path.exists(path):
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+def _remove_partial(path):
+    for f in os.listdir(path):
+        if f.startswith(".") and f.endswith(".partial"):
+            os.remove(os.path.join(path, f))
 
 
-def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files, lora,
-                  lora_scale):
-    """The files of save_hf, into tmp. Tensors are gathered one stacked parameter at a time and a shard is
-    written as soon as its last tensor arrives, so host memory holds at most one shard."""
+def _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files,
+                  lora, lora_scale):
+    """The files of save_hf but config.json, each to partial(name); returns their names. Tensors are gathered
+    one stacked parameter at a time and a shard is written as soon as its last tensor arrives, so host memory
+    holds at most one shard."""
     from safetensors.numpy import save_file
     pending: dict[str, dict] = {f: {} for f in files}
     remaining = {f: len(names) for f, names in zip(files, shards)}
@@ -816,21 +867,27 @@ def _write_export(tmp, c, params, np_dtype, writer, files, shards, file_of, size
         pending[f][name] = np.ascontiguousarray(arr.astype(np_dtype))
         remaining[f] -= 1
         if remaining[f] == 0:  # a shard is complete: write it and free its tensors
-            save_file(pending.pop(f), os.path.join(tmp, f), metadata={"format": "pt"})
+            save_file(pending.pop(f), partial(f), metadata={"format": "pt"})
     if not writer:
-        return
+        return []
+    written = list(files)
     if len(files) > 1:
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": file_of}
-        _write_json(os.path.join(tmp, "model.safetensors.index.json"), index)
-    _write_json(os.path.join(tmp, "config.json"), c.to_hf(dtype=str(np_dtype)))
-    _write_extras(tmp, copy_files, extra_files)
+        _write_json(partial("model.safetensors.index.json"), index)
+        written.append("model.safetensors.index.json")
+    return written + _write_extras(partial, copy_files, extra_files)
 
 
-def _write_extras(tmp, copy_files, extra_files):
+def _write_extras(partial, copy_files, extra_files):
+    """Copies of copy_files and the JSON files {name: content}, each to partial(name); returns their names."""
+    written = []
     for src in copy_files:
-        shutil.copy(src, os.path.join(tmp, os.path.basename(src)))
+        shutil.copy(src, partial(os.path.basename(src)))
+        written.append(os.path.basename(src))
     for fname, content in (extra_files or {}).items():
-        _write_json(os.path.join(tmp, fname), content)
+        _write_json(partial(fname), content)
+        written.append(fname)
+    return written
 
 
 def _name_order(c: LlamaConfig):
@@ -874,8 +931,9 @@ def peft_config(lc: LoraConfig, base_model: str) -> dict:
 def save_peft(path: str, c: LlamaConfig, lc: LoraConfig, lora, *, base_model: str, copy_files: list[str] = (),
               extra_files: dict[str, Any] | None = None) -> str:
     """Write a PEFT adapter directory (adapter_config.json, adapter_model.safetensors in float32, and the
-    extra files, e.g. the tokenizer) that peft.PeftModel.from_pretrained(base, path) loads. Written atomically;
-    every process calls it, process 0 writes."""
+    extra files, e.g. the tokenizer) that peft.PeftModel.from_pretrained(base, path) loads. adapter_config.json,
+    which peft reads first, is the commit marker (_write_marked): written last, so a failed write leaves a
+    previous adapter complete. Every process calls it, process 0 writes."""
     from safetensors.numpy import save_file
     tensors = {}
     for ours, adapter in lora["layers"].items():
@@ -884,13 +942,14 @@ def save_peft(path: str, c: LlamaConfig, lc: LoraConfig, lora, *, base_model: st
             module = f"{PEFT_PREFIX}.{i}.{_peft_module(ours)}"
             tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
             tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
-    path = os.path.abspath(path)
-    with _written_atomically(path) as tmp:
-        if tmp is not None:
-            save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
-            _write_json(os.path.join(tmp, "adapter_config.json"), peft_config(lc, base_model))
-            _write_extras(tmp, copy_files, extra_files)
-    return path
+
+    def write(partial, writer):
+        if not writer:
+            return []
+        save_file(tensors, partial("adapter_model.safetensors"), metadata={"format": "pt"})
+        return ["adapter_model.safetensors"] + _write_extras(partial, copy_files, extra_files)
+
+    return _write_marked(path, write, "adapter_config.json", peft_config(lc, base_model))
 
 
 def read_peft_config(path: str) -> tuple[LoraConfig, str]:

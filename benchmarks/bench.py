@@ -21,7 +21,7 @@ Every measurement is one JSON line on stdout; a table follows at the end.
 Definitions. A step is one optimizer update of batch_size examples (on average, when packing). Seconds per
 step: the median of --steps timed steps after --warmup untimed ones (the first includes compilation, which
 is timed separately). Loss tokens: the output + EOS tokens that carry the loss; real tokens: all non-pad
-tokens; token slots: rows x row length (what the hardware computes). Useful FLOPs (alpaca.step_flops,
+tokens; token slots: rows x row length (what the hardware computes). Useful FLOPs (llama.train_flops,
 nanoGPT/PaLM convention): 6 x matmul parameters per real token + attention within each example only;
 padding, attention across packed examples and the remat recompute are not counted, so MFU is the useful
 fraction of the peak. HF steps are counted with the same formula on the same examples.
@@ -69,6 +69,9 @@ CONFIGS = {
     # The 58M model of ENVIRONMENT.md's HF/torch CPU baseline.
     "58m": llama.LlamaConfig(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                              num_attention_heads=8, num_key_value_heads=8, head_dim=64),
+    # ~1B: TinyLlama-1.1B's shapes (grouped-query attention, 4 kv heads), 1.1B parameters.
+    "1b": llama.LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=64),
     "llama2-7b": llama.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                                    head_dim=128, max_position_embeddings=4096),
@@ -91,22 +94,23 @@ def n_params(c):
 # Data: real example lengths and loss boundaries
 
 
-def load_examples(cache_dir):
+def load_examples(cache_dir, max_len=512):
     data, tok = REAL_DATA if all(map(os.path.exists, REAL_DATA)) else SAMPLE_DATA
     which = "real Stanford Alpaca, 52,002 records" if data == REAL_DATA[0] else \
         "the 2,000-record sample in tests/assets (../shared/data not found)"
     sp = alpaca.load_tokenizer(tok)
-    examples, stats, _ = alpaca.tokenize_cached(alpaca.load_records(data), sp, 512, cache_dir)
+    examples, stats, _ = alpaca.tokenize_cached(alpaca.load_records(data), sp, max_len, cache_dir)
     return examples, {"data": os.path.relpath(data, ROOT), "tokenizer": os.path.relpath(tok, ROOT),
                       "data_note": which, **stats}
 
 
-def step_plans(examples, *, batch_size, seq_len, steps, seed=0):
+def step_plans(examples, *, batch_size, seq_len, steps, seed=0, data_parallel=1):
     """The packed plan of `steps` steps, and a --no_pack plan of `steps` FULL steps (batch_size examples a
     step, each padded to seq_len) of the same shuffled examples, in the same order: the first
-    steps x batch_size examples of a packed plan long enough to hold them. No step is part empty."""
+    steps x batch_size examples of a packed plan long enough to hold them. No step is part empty. Packed
+    rows are a multiple of data_parallel (the devices they split over)."""
     lengths = alpaca.example_lengths(examples)
-    R = alpaca.choose_rows_per_step(lengths, batch_size=batch_size, seq_len=seq_len)
+    R = alpaca.choose_rows_per_step(lengths, batch_size=batch_size, seq_len=seq_len, data_parallel=data_parallel)
     longer = alpaca.plan_steps(lengths, seed=seed, rows_per_step=R, seq_len=seq_len, steps=2 * steps + 2)
     packed = alpaca.plan_steps(lengths, seed=seed, rows_per_step=R, seq_len=seq_len, steps=steps)
     ids = longer["order"][:steps * batch_size]
@@ -161,50 +165,74 @@ def datasheet_peak(dtype):
 # Our step
 
 
-def time_jax(name, mc, examples, plan, args, peaks, mode):
-    """mode packed or no_pack: the full fine-tune step on `plan`'s rows. mode lora: the LoRA step
-    (--lora_rank, alpha = rank, all seven matrices) on the same rows, the base weights in the compute dtype,
-    so that what differs from packed is only what is trained and differentiated."""
-    mesh = sharding.make_mesh()
-    n_dev = mesh.shape["fsdp"]
-    R, T = plan["rows_per_step"], plan["seq_len"]
-    if R % n_dev:  # the rows of a step must split over the devices
-        return emit({"config": name, "mode": mode, "skipped": f"{R} rows do not split over {n_dev} devices"})
+def compile_jax(mc, examples, plan, args, mesh, micro_batches=1, lora=None):
+    """The train step compiled for parameters and AdamW state that do not exist yet (shapes and shardings
+    only), so that the memory it needs is known before any of it is allocated; and the batches it will run.
+    With `lora` (a llama.LoraConfig), the LoRA step: float32 adapters on a base in --compute_dtype, so that
+    what differs from the full step is only what is trained and differentiated.
+    Returns (compiled step, batches, compile seconds, bytes the step needs per device)."""
     vocab_examples = {**examples, "tokens": examples["tokens"] % mc.vocab_size}
     cdt = jnp.dtype(args.compute_dtype)
-    lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
-    params = sharding.init_sharded_params(mc, jax.random.key(0), mesh, dtype=cdt if lora else jnp.float32)
+    opt = sharding.AdamWConfig(lr=1e-5, warmup_steps=1, total_steps=10_000)
+    step = sharding.make_train_step(mc, mesh, opt, compute_dtype=cdt, remat=args.remat == "on",
+                                    num_micro_batches=micro_batches, lora=lora)
+    batches = [sharding.shard_batch(alpaca.make_batch(vocab_examples, plan, k), mesh)
+               for k in range(args.warmup + args.steps)]
+    params, trained, opt_state, _ = alpaca.abstract_train_inputs(mc, mesh, cdt if lora else jnp.float32,
+                                                                 plan["rows_per_step"], plan["seq_len"], lora)
+    t0 = time.perf_counter()
+    compiled = step.lower(trained, opt_state, batches[0], *((params,) if lora else ())).compile()
+    compile_s = time.perf_counter() - t0
+    try:  # per device; donated parameters and state are aliased to the outputs. Best effort: may be None
+        mem = compiled.memory_analysis()
+    except NotImplementedError:
+        mem = None
+    need = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+               - mem.alias_size_in_bytes) if mem else None
+    return compiled, batches, compile_s, need
+
+
+def run_jax(name, mode, mc, examples, plan, args, peaks, mesh, compiled, batches, compile_s, need, micro_batches=1,
+            lora=None):
+    """Random parameters (with `lora`: a base in --compute_dtype and adapters) and AdamW state compiled
+    straight into their sharding, then warmup + steps timed."""
+    params = sharding.init_sharded_params(mc, jax.random.key(0), mesh,
+                                          dtype=jnp.dtype(args.compute_dtype) if lora else jnp.float32)
     # The step updates `trained` (all weights, or the adapters); `frozen` is the LoRA step's base argument.
     trained, frozen = (sharding.init_lora_params(mc, lora, jax.random.key(1), mesh), (params,)) if lora else (params, ())
     opt_state = sharding.init_opt_state(trained)
-    opt = sharding.AdamWConfig(lr=1e-5, warmup_steps=1, total_steps=10_000)
-    step = sharding.make_train_step(mc, mesh, opt, compute_dtype=cdt, remat=args.remat == "on", lora=lora)
-    n_steps = args.warmup + args.steps
-    batches = [sharding.shard_batch(alpaca.make_batch(vocab_examples, plan, k), mesh) for k in range(n_steps)]
-
-    t0 = time.perf_counter()
-    compiled = step.lower(trained, opt_state, batches[0], *frozen).compile()
-    compile_s = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
     times = []
-    for k in range(n_steps):
+    for k, batch in enumerate(batches):
         t0 = time.perf_counter()
-        trained, opt_state, m = compiled(trained, opt_state, batches[k], *frozen)
+        trained, opt_state, m = compiled(trained, opt_state, batch, *frozen)
         loss = float(m["loss"])  # waits for the step
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
         raise RuntimeError(f"{name} {mode}: loss {loss}")
-    stats = jax.devices()[0].memory_stats() or {}
-    rec = summarize(name, mode, mc, examples, plan, times[args.warmup:], range(args.warmup, n_steps), peaks, n_dev)
+    n_dev = mesh.shape["fsdp"]
+    stats = mesh.devices.flat[0].memory_stats() or {}
+    rec = summarize(name, mode, mc, examples, plan, times[args.warmup:], range(args.warmup, len(times)), peaks, n_dev)
     if lora:
         rec["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": ",".join(lora.targets)}
-    rec.update({"compile_s": round(compile_s, 2), "first_step_s": round(times[0], 3), "devices": n_dev,
-                "rows": R, "seq_len": T, "remat": args.remat, "compute_dtype": str(cdt),
-                "step_memory_bytes": int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                         + mem.temp_size_in_bytes - mem.alias_size_in_bytes) if mem else None,
+    rec.update({"compile_s": round(compile_s, 2), "first_step_s": round(times[0], 3),
+                "rows": plan["rows_per_step"], "seq_len": plan["seq_len"], "micro_batches": micro_batches,
+                "remat": args.remat, "compute_dtype": args.compute_dtype, "step_memory_bytes": need,
                 "device_peak_bytes": stats.get("peak_bytes_in_use"),
                 "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
-    return emit(rec)
+    return rec
+
+
+def time_jax(name, mc, examples, plan, args, peaks, mode, mesh=None, micro_batches=1):
+    mesh = mesh or sharding.make_mesh()
+    n_dev = mesh.shape["fsdp"]
+    R = plan["rows_per_step"]
+    if R % (n_dev * micro_batches):  # the rows of a step must split over the devices and micro-batches
+        return emit({"config": name, "mode": mode, "skipped": f"{R} rows do not split over {n_dev} devices "
+                                                               f"x {micro_batches} micro-batches"})
+    lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
+    compiled = compile_jax(mc, examples, plan, args, mesh, micro_batches, lora)
+    return emit(run_jax(name, mode, mc, examples, plan, args, peaks, mesh, *compiled, micro_batches=micro_batches,
+                        lora=lora))
 
 
 def memory_plan(name, mc, args, mode):
@@ -214,26 +242,11 @@ def memory_plan(name, mc, args, mode):
     adapters (rank --lora_rank, all seven matrices) with their AdamW state. --memory_rows rows of --seq_len in --memory_micro_batches
     passes, compute in --compute_dtype. On CPU this is XLA:CPU's buffer assignment: an estimate of an
     accelerator's, not a measurement of one."""
-    from jax.sharding import NamedSharding, PartitionSpec
     mesh = sharding.make_mesh()
     lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
-
-    def placed(shapes, specs, dtype):
-        return jax.tree.map(lambda s, sp: jax.ShapeDtypeStruct(s, dtype, sharding=NamedSharding(mesh, sp)), shapes,
-                            specs, is_leaf=lambda s: isinstance(s, tuple))
-
-    shapes = llama.param_shapes(mc)
-    params = placed(shapes, sharding.partition_specs(jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), shapes,
-                                                                  is_leaf=lambda s: isinstance(s, tuple)), mesh),
-                    jnp.dtype(args.memory_base_dtype) if lora else jnp.float32)
-    trained, frozen = (placed(llama.lora_shapes(mc, lora), sharding.lora_specs(mc, lora), jnp.float32), (params,)) \
-        if lora else (params, ())
-    moments = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding), trained)
-    opt_state = {"mu": moments, "nu": moments,
-                 "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))}
-    rows = (args.memory_rows, args.seq_len)
-    batch = {k: jax.ShapeDtypeStruct(rows, jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
+    params, trained, opt_state, batch = alpaca.abstract_train_inputs(
+        mc, mesh, jnp.dtype(args.memory_base_dtype) if lora else jnp.float32, args.memory_rows, args.seq_len, lora)
+    frozen = (params,) if lora else ()
     step = sharding.make_train_step(mc, mesh, sharding.AdamWConfig(), compute_dtype=jnp.dtype(args.compute_dtype),
                                     num_micro_batches=args.memory_micro_batches, remat=args.remat == "on", lora=lora)
     t0 = time.perf_counter()
@@ -253,15 +266,22 @@ def summarize(name, mode, mc, examples, plan, times, step_ids, peaks, n_dev):
     cs = [counts(examples, plan, k) for k in step_ids]
     total_t = float(np.sum(times))
     tot = {key: float(np.sum([c[key] for c in cs])) for key in ("real", "loss", "slots", "examples")}
-    flops = float(np.sum([alpaca.step_flops(mc, c["lengths"], frozen_weights=mode == "lora") for c in cs]))
-    # Virtual CPU devices share the same cores: the measured peak is the machine's, not one device's.
-    n_dev = 1 if jax.default_backend() == "cpu" else n_dev
+    flops = float(np.sum([llama.train_flops(mc, c["lengths"], frozen_weights=mode == "lora") for c in cs]))
     rec = {"config": name, "mode": mode, "params": n_params(mc), "examples_per_step": tot["examples"] / len(cs),
            "s_per_step": round(float(np.median(times)), 4), "loss_tokens_per_s": round(tot["loss"] / total_t, 1),
            "real_tokens_per_s": round(tot["real"] / total_t, 1), "token_slots_per_s": round(tot["slots"] / total_t, 1),
            "real_fraction": round(tot["real"] / tot["slots"], 4), "useful_tflops": round(flops / total_t / 1e12, 5),
-           "mfu_vs_measured": round(flops / total_t / (n_dev * peaks["measured"]), 4)}
-    rec["mfu_vs_datasheet"] = round(flops / total_t / (n_dev * peaks["datasheet"]), 4) if peaks.get("datasheet") else None
+           "devices": n_dev}
+    return add_mfu(rec, peaks)
+
+
+def add_mfu(rec, peaks, backend=None):
+    """MFU of a record's useful FLOP/s against the peaks (FLOP/s per device; None: unknown) of its devices.
+    Virtual CPU devices share the same cores: the measured peak is then the machine's, not one device's."""
+    n = 1 if (backend or jax.default_backend()) == "cpu" else rec["devices"]
+    for key in ("measured", "datasheet"):
+        p = peaks.get(key)
+        rec[f"mfu_vs_{key}"] = round(rec["useful_tflops"] * 1e12 / (n * p), 4) if p else None
     return rec
 
 
@@ -270,20 +290,27 @@ def summarize(name, mode, mc, examples, plan, times, step_ids, peaks, n_dev):
 
 
 def time_hf(name, mc, examples, plan, args, peaks):
-    """LlamaForCausalLM + torch.optim.AdamW, float32 on CPU, Stanford's DataCollatorForSupervisedDataset:
-    micro-batches of 4 examples padded to their longest (labels -100 on prompt and padding), gradient
-    accumulation over the step's examples, clip_grad_norm 1.0. Same examples as `plan` (batch_size a step)."""
+    """LlamaForCausalLM + torch.optim.AdamW, Stanford's DataCollatorForSupervisedDataset: micro-batches of 4
+    examples padded to their longest (labels -100 on prompt and padding), gradient accumulation over the
+    step's examples, clip_grad_norm 1.0. Same examples as `plan` (batch_size a step). float32 weights and
+    AdamW state; on a CUDA GPU with --compute_dtype bfloat16, bf16 autocast and TF32 (the HF Trainer's --bf16
+    --tf32 of Stanford's command), else float32 throughout."""
     import torch
     import transformers
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = dev == "cuda" and args.compute_dtype == "bfloat16"
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bf16
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     hc = transformers.LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
                                   intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_hidden_layers,
                                   num_attention_heads=mc.num_attention_heads,
                                   num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
                                   tie_word_embeddings=mc.tie_word_embeddings, rms_norm_eps=mc.rms_norm_eps,
                                   max_position_embeddings=mc.max_position_embeddings, pad_token_id=0)
-    model = transformers.LlamaForCausalLM(hc).float().train()
+    with torch.device(dev):  # random weights made where they are used
+        model = transformers.LlamaForCausalLM(hc).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
     tokens, offsets, loss_start = examples["tokens"] % mc.vocab_size, examples["offsets"], examples["loss_start"]
 
@@ -298,7 +325,8 @@ def time_hf(name, mc, examples, plan, args, peaks):
                 ids_i = tokens[offsets[i]:offsets[i + 1]]
                 inp[r, :len(ids_i)], att[r, :len(ids_i)] = ids_i, 1
                 lab[r, loss_start[i]:len(ids_i)] = ids_i[loss_start[i]:]
-            yield torch.from_numpy(inp), torch.from_numpy(lab), torch.from_numpy(att), longest * len(chunk)
+            yield (torch.from_numpy(inp).to(dev), torch.from_numpy(lab).to(dev), torch.from_numpy(att).to(dev),
+                   longest * len(chunk))
 
     n_steps = args.warmup + args.steps
     times, slots = [], []
@@ -308,13 +336,15 @@ def time_hf(name, mc, examples, plan, args, peaks):
         n_loss = sum(int(offsets[i + 1] - offsets[i] - loss_start[i]) for i in ids)
         s = 0
         for inp, lab, att, n_slots in micro_batches(ids):
-            out = model(input_ids=inp, attention_mask=att, labels=lab)
+            with torch.autocast(dev, torch.bfloat16, enabled=bf16):
+                out = model(input_ids=inp, attention_mask=att, labels=lab)
             # HF's loss is the mean over the micro-batch's loss tokens; weight it to the step's mean.
             (out.loss * (lab[:, 1:] != -100).sum() / n_loss).backward()
             s += n_slots
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
         slots.append(s)
     rec = summarize(name, "hf_torch", mc, examples, plan, times[args.warmup:], range(args.warmup, n_steps), peaks, 1)
@@ -323,9 +353,10 @@ def time_hf(name, mc, examples, plan, args, peaks):
     rec.update({"token_slots_per_s": round(slot_rate, 1), "real_fraction": round(real / float(np.sum(slots[args.warmup:])), 4),
                 "first_step_s": round(times[0], 3), "micro_batch": args.hf_micro_batch,
                 "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
-                "torch_threads": torch.get_num_threads(),
+                "torch_threads": torch.get_num_threads(), "torch_device": dev, "bf16_autocast": bf16,
+                "device_peak_bytes": torch.cuda.max_memory_allocated() if dev == "cuda" else None,
                 "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
-    # MFU of HF against the same jax-measured matmul peak (torch's fp32 matmul peak is the same here).
+    # MFU of HF against the same jax-measured matmul peak (torch's fp32 matmul peak is the same on CPU).
     return emit(rec)
 
 
@@ -345,37 +376,35 @@ def packing_table(examples, batch_size=128):
                          "padded_to_seq_len_efficiency": round(float(lengths.mean()) / T, 4)}))
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(lengths))
-    chunks = [lengths[perm[j:j + 4]] for j in range(0, len(perm), 4)]
-    longest4 = float(sum(c.sum() for c in chunks)) / float(sum(c.max() * len(c) for c in chunks))
+    # Stanford's collator: each example of a micro-batch of 4 padded to the micro-batch's longest.
+    padded = np.concatenate([np.full(len(c), c.max()) for c in np.split(lengths[perm], range(4, len(perm), 4))])
+    longest4 = float(lengths.sum()) / float(padded.sum())
     out.append(emit({"packing": False, "pad_to_longest_of_4_efficiency": round(longest4, 4)}))
-    return out, longest4
+    return out, padded
 
 
-def projection(examples, pack_rows, longest4, mfu):
-    """Wall time of Stanford's recipe (Llama-2-7B, 3 epochs = 1218 steps of 128 examples) from FLOPs."""
+def projection(examples, pack_rows, padded, mfu):
+    """Wall time of Stanford's recipe (Llama-2-7B, 3 epochs = 1218 steps of 128 examples) from the FLOPs that
+    are computed: every token slot (padding included) and, in a packed row, every causal pair of the row
+    (plain attention), not only those within examples. `padded`: the examples' lengths padded as Stanford's
+    collator pads them."""
     c = CONFIGS["llama2-7b"]
     lengths = alpaca.example_lengths(examples).astype(np.float64)
     steps, per_step = 1218, 128
-    D, L, V = c.hidden_size, c.num_hidden_layers, c.vocab_size
-    HE = c.num_attention_heads * c.head_dim
-    n_matmul = L * (4 * D * HE + 3 * D * c.intermediate_size) + D * V
-    real = steps * per_step * float(lengths.mean())  # real tokens of the whole run
-    pairs_ex = steps * per_step * float(np.mean(lengths * (lengths + 1) / 2))  # attention pairs within examples
+    runs = steps * per_step / len(lengths)  # the run's examples, in multiples of the loaded ones
     hw = {"TPU v3-32": 32 * 61.5e12, "8xA100": 8 * 312e12}
     out = []
     for T, eff in pack_rows:
-        slots = real / eff
-        # computed: every token slot, and (causal_attention) every causal pair of each row, not only within examples
-        flops = 6 * n_matmul * slots + 12 * L * HE * (slots / T) * T * (T + 1) / 2
+        flops = runs * lengths.sum() / eff / T * llama.train_flops(c, [T])  # rows of the run x a full row's
         for hw_name, peak in hw.items():
             out.append({"recipe": f"packed, rows of {T}", "hardware": hw_name, "real_fraction": round(eff, 4),
                         "hours": round(flops / (peak * mfu) / 3600, 2)})
-    slots = real / longest4
-    flops = 6 * n_matmul * slots + 12 * L * HE * pairs_ex / longest4 ** 2  # padded pairs ~ (slots/real)^2
+    flops = runs * llama.train_flops(c, padded)
     for hw_name, peak in hw.items():
         out.append({"recipe": "padded to longest of 4 (Stanford)", "hardware": hw_name,
-                    "real_fraction": round(longest4, 4), "hours": round(flops / (peak * mfu) / 3600, 2)})
-    assumptions = (f"Llama-2-7B ({n_matmul / 1e9:.2f}e9 matmul parameters), {steps} steps x {per_step} examples "
+                    "real_fraction": round(lengths.sum() / padded.sum(), 4),
+                    "hours": round(flops / (peak * mfu) / 3600, 2)})
+    assumptions = (f"Llama-2-7B ({llama.matmul_weights(c) / 1e9:.2f}e9 matmul parameters), {steps} steps x {per_step} examples "
                    f"(mean {lengths.mean():.1f} tokens), FLOPs = 6 x params x token slots + causal attention of "
                    f"each row; MFU {mfu:.0%} of the dense bf16 datasheet peak (TPU v3-32: 32 cores x 61.5 "
                    f"TFLOP/s; 8xA100: 8 x 312 TFLOP/s); no input pipeline, checkpoint or compile time. "
@@ -473,11 +502,11 @@ def main(argv=None):
         peaks["measured"] = again
         for r in results:
             if "skipped" not in r:
-                n = 1 if jax.default_backend() == "cpu" else r.get("devices", 1)
-                r["mfu_vs_measured"] = round(r["useful_tflops"] * 1e12 / (n * again), 4)
-    pack_rows, longest4 = packing_table(examples)
+                add_mfu(r, peaks)
+    pack_rows, padded4 = packing_table(examples)
+    longest4 = pack_rows[-1]["pad_to_longest_of_4_efficiency"]
     proj, assumptions = projection(examples, [(r["seq_len"], r["packing_efficiency"]) for r in pack_rows[:-1]
-                                              if r["seq_len"] in (512, 2048)], longest4, args.assume_mfu)
+                                              if r["seq_len"] in (512, 2048)], padded4, args.assume_mfu)
 
     # ------------------------------------------------------------------ the table
     print(f"\n{env['date']}  {env['device']} x{env['devices']} ({env['backend']}, {env['cores']} cores), jax "
@@ -533,7 +562,7 @@ def main(argv=None):
         print(f"  CPU, 100m at 512: >= 40% of the measured matmul peak: {100 * pk['mfu_vs_measured']:.1f}% "
               f"({'met' if pk['mfu_vs_measured'] >= 0.4 else 'NOT met'}, remat {args.remat})")
     if jax.default_backend() == "cpu":
-        print("  H100, ~1B at 2048, >= 45% bf16 MFU: not measured (no GPU in this run)")
+        print("  H100, ~1B at 2048, >= 45% bf16 MFU: not measured here (benchmarks/accelerator.py, on a GPU)")
     print(f"\nbenchmark took {time.time() - t_start:.0f} s")
 
 

@@ -1,7 +1,8 @@
 """The short training command that tests/test_train.py, tests/test_lora.py and tests/test_multihost.py run in
 subprocesses: the real stories260K model on 48 real Alpaca records, 6 float32 steps of 8 rows x 256 tokens,
 rows planned for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same
-batches."""
+batches. Every subprocess runs with NO_DIR_RENAME on its PYTHONPATH: renaming a directory fails there, as on a
+Cloud Storage FUSE mount, so every training, checkpoint, resume, pruning and export of the tests is done without."""
 
 import json
 import os
@@ -13,6 +14,7 @@ ASSETS = os.path.join(ROOT, "tests", "assets")
 STORIES = os.path.join(ASSETS, "stories260K")
 SAMPLE = os.path.join(ASSETS, "alpaca", "alpaca_sample_2000.json")
 STEPS = 6
+NO_DIR_RENAME = os.path.join(ROOT, "tests", "no_dir_rename")  # its sitecustomize.py refuses directory renames
 
 
 def write_data(workdir, n=48):
@@ -39,8 +41,9 @@ def env_for(devices, workdir, **extra):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["HF_HUB_OFFLINE"] = "1"
-    # The same program compiles once for all subprocesses of a test module.
-    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir / "jax-cache")
+    env["PYTHONPATH"] = NO_DIR_RENAME
+    # The same program compiles once for all subprocesses of the test session.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(workdir.parent / "jax-cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     env.update(extra)
     return env
@@ -55,3 +58,9 @@ def run(args, env, timeout=300):
     p = start(args, env)
     out, _ = p.communicate(timeout=timeout)
     return p.returncode, out
+
+
+def committed(out):
+    """The checkpoint directories of a run that carry the commit marker (meta.json)."""
+    root = os.path.join(out, "checkpoints")
+    return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "meta.json")))

@@ -325,17 +325,6 @@ def test_dry_run_prints_statistics_and_uses_the_cache(tmp_path, capsys):
         {k: v for k, v in first.items() if k not in ("cache_hit", "tokenize_seconds")}
 
 
-def test_dry_run_as_a_command(tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "alpaca.py"), "--dry_run", "--data", SAMPLE, "--tokenizer",
-           os.path.join(LLAMA_TOK, "tokenizer.model"), "--model", "/nonexistent/never/loaded",
-           "--cache_dir", str(tmp_path), "--data_parallel", "8"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    stats = json.loads(out.stdout)
-    assert stats["rows_per_step"] == 8 and stats["steps"] == 3 * stats["steps_per_epoch"]
-    assert stats["packing_efficiency"] > 0.95
-
-
 def write(tmp_path, name, text):
     p = tmp_path / name
     p.write_text(text)
@@ -436,3 +425,90 @@ def test_hub_ids_offline_parquet_without_pyarrow_and_unwritable_cache(tmp_path, 
     except ImportError:
         with pytest.raises(alpaca.InputError, match="parquet needs pyarrow"):
             alpaca.load_records(write(tmp_path, "d.parquet", ""))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data from a URL: downloaded once, checked, cached; never half a file
+
+
+class _Server:
+    """A local HTTP server on 127.0.0.1: /sample.json serves the Alpaca sample, /cut.json announces all of
+    it and sends half, /other.json serves other bytes; it counts the requests of each path."""
+
+    def __init__(self):
+        import http.server
+        import threading
+        body = open(SAMPLE, "rb").read()
+        self.files = {"/sample.json": (body, len(body)), "/cut.json": (body[:len(body) // 2], len(body)),
+                      "/other.json": (b"[]", 2)}
+        self.requests = {}
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests[self.path] = server.requests.get(self.path, 0) + 1
+                if self.path not in server.files:
+                    self.send_error(404)
+                    return
+                data, length = server.files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(length))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = _Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def cached_files(cache):
+    folder = os.path.join(cache, "downloads")
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+
+
+def test_url_data_is_downloaded_once_then_read_from_the_cache(server, records, tmp_path, monkeypatch):
+    url = server.url + "/sample.json"
+    monkeypatch.setitem(alpaca.PINNED_DOWNLOADS, url, alpaca.git_blob_id(SAMPLE))  # pinned, and right
+    assert alpaca.load_records(url, str(tmp_path)) == records
+    assert alpaca.load_records(url, str(tmp_path)) == records
+    assert server.requests[url[len(server.url):]] == 1
+    assert len(cached_files(tmp_path)) == 1 and cached_files(tmp_path)[0].endswith(".json")
+
+
+@pytest.mark.parametrize("path,message", [
+    ("/cut.json", "the download stopped after|the download failed"),
+    ("/missing.json", r"the download failed \(HTTPError"),
+    ("/other.json", "has git blob id [0-9a-f]{40}, not the pinned " + "1232460f"),
+    ("/sample.txt", "a URL must name a .json or .jsonl file"),
+])
+def test_cut_wrong_or_failed_downloads_are_named_and_leave_nothing(server, tmp_path, monkeypatch, path, message):
+    url = server.url + path
+    monkeypatch.setitem(alpaca.PINNED_DOWNLOADS, url, alpaca.git_blob_id(SAMPLE))
+    with pytest.raises(alpaca.InputError, match=message) as e:
+        alpaca.load_records(url, str(tmp_path))
+    assert f"--data {url}" in str(e.value)
+    assert cached_files(tmp_path) == []  # no entry, and no temporary file either
+    assert alpaca.main(["--dry_run", "--data", url, "--model", STORIES, "--cache_dir", str(tmp_path)]) == 2
+
+
+def test_default_data_is_stanfords_file_at_a_pinned_commit_checked_by_its_blob_id():
+    url = alpaca.Config().data
+    assert url == alpaca.ALPACA_DATA_URL == ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
+                                             "761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json")
+    assert alpaca.PINNED_DOWNLOADS[url] == "3779ddbc040543ab1834ef216c983d6fcc06cc9a"
+    # The blob id is git's: what `git hash-object` prints for the file.
+    blob = subprocess.run(["git", "hash-object", SAMPLE], capture_output=True, text=True)
+    if blob.returncode == 0:
+        assert alpaca.git_blob_id(SAMPLE) == blob.stdout.strip()
+    body = open(SAMPLE, "rb").read()
+    assert alpaca.git_blob_id(SAMPLE) == hashlib.sha1(b"blob %d\0" % len(body) + body).hexdigest()

@@ -106,14 +106,15 @@ def lora1(workdir):
 
 @pytest.fixture(scope="module")
 def resumed(workdir):
-    """The run of lora8 (on a copy of the base), SIGKILLed while writing checkpoint 4, then restarted."""
+    """The run of lora8 (on a copy of the base), SIGKILLed on 8 devices before committing checkpoint 4, then
+    restarted on ONE device: the replicated adapters and their state are read by another layout."""
     out = workdir / "crash"
     args = run_args(workdir, out, *LORA_FLAGS, "--model", str(workdir / "base"))
     rc, log = run(args, env_for(8, workdir, ALPACA_CRASH_AT="checkpoint-4"))
     assert rc == -signal.SIGKILL, log
-    rc, log = run(args, env_for(8, workdir))
+    rc, log = run(args, env_for(1, workdir))
     assert rc == 0, log
-    assert "resuming from" in log and "step_00000002" in log
+    assert "resuming from" in log and "step_00000002" in log and "written by 1 process(es) x 8 devices" in log
     return out, args
 
 
@@ -134,9 +135,8 @@ def test_eight_devices_equal_one_and_the_loss_goes_down(lora8, lora1):
     # A checkpoint holds the adapters and their AdamW state, nothing of the base.
     meta = json.load(open(os.path.join(out, "checkpoints", "step_00000006", "meta.json")))
     assert meta["base_fingerprint"] and meta["config"]["lora_rank"] == RANK
-    import msgpack
-    with open(os.path.join(out, "checkpoints", "step_00000006", "process_00000.msgpack"), "rb") as fh:
-        names = {rec["name"] for rec in msgpack.Unpacker(fh, raw=False)}
+    index = json.load(open(os.path.join(out, "checkpoints", "step_00000006", "process_00000.json")))
+    names = {piece["name"] for piece in index["pieces"]}
     assert names and all(n.startswith(("lora/layers/", "opt_state/")) for n in names), names
 
 
@@ -192,11 +192,12 @@ def test_generate_merges_an_adapter_directory_into_its_base(lora8, capsys):
     assert answer == sp.decode(ids).strip() != ""
 
 
-def test_kill_and_resume_is_bitwise_exact(lora8, resumed):
+def test_kill_and_resume_on_one_device_continues_the_eight_device_run(lora8, resumed):
+    np.testing.assert_allclose(losses(resumed[0]), losses(lora8[0]), rtol=2e-5)
     for name in ("final-adapter/adapter_model.safetensors", "final/model.safetensors"):
         expected = load_file(os.path.join(lora8[0], "hf", name))
-        for k, v in load_file(os.path.join(resumed[0], "hf", name)).items():
-            np.testing.assert_array_equal(v, expected[k], err_msg=f"{name}: {k}")
+        for k, v in load_file(os.path.join(resumed[0], "hf", name)).items():  # as 8 devices against 1, above
+            np.testing.assert_allclose(v, expected[k], rtol=1e-4, atol=5e-5, err_msg=f"{name}: {k}")
 
 
 def test_resume_on_other_base_weights_is_refused(workdir, resumed, capsys):

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, env_for, logged_step, run, run_args, start, write_data
+from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, committed, env_for, logged_step, run, run_args, start, write_data
 
 
 @pytest.fixture(scope="module")
@@ -100,17 +100,24 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     expected = final_tensors(reference_run[0])
     env = env_for(8, workdir)
 
-    # 1. SIGKILL while checkpoint 4 is being written (a crash point inside save_checkpoint).
+    # 1. SIGKILL while checkpoint 4 is being written in the background (a crash point in the writer thread,
+    #    halfway through this process's file).
     out = workdir / "crash"
-    rc, log = run(run_args(workdir, out), env_for(8, workdir, ALPACA_CRASH_AT="checkpoint-4"))
+    rc, log = run(run_args(workdir, out), env_for(8, workdir, ALPACA_CRASH_AT="writing-4"))
     assert rc == -signal.SIGKILL, log
-    ckpts = sorted(os.listdir(out / "checkpoints"))
-    assert ckpts == ["step_00000002", "step_00000004.tmp"]  # the interrupted write is not taken for complete
+    assert "step_00000004 (writing in the background)" in log
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004"]
+    assert committed(out) == ["step_00000002"]  # the interrupted write is not taken for complete
+    assert "process_00000.bin.partial" in os.listdir(out / "checkpoints" / "step_00000004")
     with open(out / "metrics.jsonl", "a") as fh:  # a line cut short by the kill
         fh.write('{"step": 5, "loss": 3.')
     rc, log = run(run_args(workdir, out), env)
     assert rc == 0, log
     assert "resuming from" in log and "step_00000002" in log
+    # The leftover was replaced, old checkpoints pruned and their files deleted.
+    assert committed(out) == sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000006"]
+    assert sorted(os.listdir(out / "checkpoints" / "step_00000006")) == \
+        ["meta.json", "process_00000.bin", "process_00000.json"]
     for name, arr in final_tensors(out).items():
         np.testing.assert_array_equal(arr, expected[name], err_msg=name)
     assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
@@ -124,8 +131,8 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     log = p.communicate(timeout=120)[0]
     assert p.returncode == 143, log
     assert "SIGTERM" in log
-    saved = [d for d in os.listdir(out / "checkpoints") if not d.endswith(".tmp")]
-    assert len(saved) == 1
+    saved = committed(out)
+    assert len(saved) == 1 and os.listdir(out / "checkpoints") == saved
     p = start(run_args(workdir, out, "--checkpoint_every", "0"), env)
     resumed_at = int(saved[0][5:])
     wait_for_step(p, out, resumed_at + 1)
@@ -138,6 +145,59 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
         np.testing.assert_array_equal(arr, expected[name], err_msg=name)
     steps_logged = [json.loads(l)["step"] for l in open(out / "metrics.jsonl")]
     assert steps_logged == list(range(1, STEPS + 1))  # lines past a checkpoint are replaced, not doubled
+
+
+def test_failed_background_write_stops_the_run_and_keeps_the_last_checkpoint(workdir):
+    # A file where checkpoint 4's directory goes: its background write fails, as on a full or broken disk.
+    out = workdir / "write_fails"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "step_00000004").write_text("in the way")
+    rc, log = run(run_args(workdir, out), env_for(8, workdir))
+    assert rc == 1, log
+    assert f"alpaca.py: error: writing checkpoint {out / 'checkpoints' / 'step_00000004'} failed on process(es) " \
+           "[0]: FileExistsError" in log
+    assert "the latest complete checkpoint is step 2" in log
+    assert committed(out) == ["step_00000002"] and not os.path.exists(out / "hf")
+    assert max(json.loads(l)["step"] for l in open(out / "metrics.jsonl")) < STEPS  # it stopped early
+
+
+def test_a_checkpoint_reads_back_on_other_layouts(tmp_path):
+    # In process, no training: slices saved from 8 devices, read into 4 (split along the other axis), 3
+    # (slices that straddle the saved ones) and 1 device; float32, bfloat16 and a replicated scalar.
+    import jax
+    import ml_dtypes
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import alpaca
+    devices = np.array(jax.devices())
+    rng = np.random.default_rng(0)
+    values = {"w": rng.standard_normal((16, 24)).astype(np.float32),
+              "layer": {"b": rng.standard_normal(24).astype(ml_dtypes.bfloat16)}, "count": np.array(7, np.int32)}
+
+    def placed(on, specs):
+        shardings = {"w": specs[0], "layer": {"b": specs[1]}, "count": P()}
+        return jax.tree.map(lambda x, spec: NamedSharding(Mesh(on, ("d",)), spec), values, shardings)
+
+    state = jax.tree.map(jax.device_put, values, placed(devices, (P(None, "d"), P("d"))))
+    alpaca.save_checkpoint(str(tmp_path), 3, state, {"note": 1}, keep=1)
+    assert alpaca.list_checkpoints(str(tmp_path)) == [3]
+    assert json.load(open(tmp_path / "checkpoints" / "step_00000003" / "meta.json"))["note"] == 1
+    for on, specs in ((devices[:4], (P("d", None), P("d"))), (devices[[5, 2, 7]], (P(None, "d"), P("d"))),
+                      (devices[:1], (P(), P()))):
+        like = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh), values, placed(on, specs))
+        back = alpaca.load_checkpoint(str(tmp_path), 3, like)
+        for got, want, sh in zip(jax.tree.leaves(back), jax.tree.leaves(values), jax.tree.leaves(like)):
+            assert got.sharding == sh.sharding and got.dtype == want.dtype
+            np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_children_cannot_rename_directories(tmp_path):
+    # What makes every run of these tests a run without directory renames (commands.NO_DIR_RENAME).
+    (tmp_path / "d").mkdir()
+    (tmp_path / "f").write_text("")
+    code = "import os, sys; os.replace(sys.argv[1] + '/f', sys.argv[1] + '/g'); os.rename(sys.argv[1] + '/d', sys.argv[1] + '/e')"
+    p = subprocess.run([sys.executable, "-c", code, str(tmp_path)], env=env_for(1, tmp_path), capture_output=True, text=True)
+    assert p.returncode == 1 and "renaming a directory is not supported" in p.stderr, p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["d", "g"]
 
 
 def test_incompatible_checkpoint_is_refused(workdir, reference_run):
@@ -214,6 +274,13 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--hf_save_path", "/proc/no-such-dir"], "--hf_save_path /proc/no-such-dir: not a writable directory"),
     (["--tokenizer", os.path.join(ASSETS, "llama_tokenizer", "tokenizer.model")],
      "is outside the model's vocabulary of 512"),
+    (["--lr=-1e-3"], "--lr must be positive, got -0.001"),
+    (["--lr", "0"], "--lr must be positive, got 0.0"),
+    (["--beta1", "1.0"], "--beta1 must be in [0, 1), got 1.0"),
+    (["--beta2=-0.5"], "--beta2 must be in [0, 1), got -0.5"),
+    (["--eps=-1e-8"], "--eps must be >= 0, got -1e-08"),
+    (["--weight_decay=-0.1"], "--weight_decay must be >= 0, got -0.1"),
+    (["--grad_clip", "nan"], "--grad_clip must be >= 0, got nan"),
 ])
 def test_bad_flags_fail_clearly_and_write_nothing(workdir, tmp_path, flags, message):
     out = tmp_path / "bad"

@@ -1,0 +1,93 @@
+"""What fits where: the memory plan of `alpaca.py --dry_run` for Llama-2-7B and 13B on common machines.
+
+    .venv/bin/python benchmarks/memory_table.py            # compiles the 7B and 13B steps: an hour on 2 CPU cores
+
+For each model and machine it runs alpaca.py's planner (alpaca.plan_run, what --dry_run prints) at the
+default flags with --data_parallel = the machine's jax device count and --device_memory_gb = one device's
+HBM: XLA compiles the real train step on that many virtual CPU devices and reports what one device holds;
+where that does not fit, the planner's own suggestions follow, each checked by its own compile. Only
+config.json is needed (the public Llama-2 shapes, written to a temporary directory) and the LLaMA tokenizer
+in tests/assets; no weights. The data: the 52,002 Stanford Alpaca records from ../shared/data when present,
+else the 2,000-record sample in tests/assets (it says which). Compiles are cached in --cache_dir, so a rerun
+is quick. Prints one JSON line per machine, then a Markdown table.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, HERE)
+
+import alpaca  # noqa: E402
+from bench import REAL_DATA, SAMPLE_DATA  # noqa: E402
+
+# The public config.json of meta-llama/Llama-2-7b-hf and -13b-hf (the fields that matter here).
+LLAMA2 = {"7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+          "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
+# name, jax devices, HBM per device in GB: a TPU v3-8 is 4 chips of 2 cores (8 devices of 16 GiB), a v4-8 is
+# 4 chips (4 devices of 32 GiB), a v5e-8 8 chips of 16 GiB.
+MACHINES = [("TPU v3-8", 8, "TPU v3"), ("TPU v3-32", 32, "TPU v3"), ("TPU v4-8", 4, "TPU v4"),
+            ("TPU v5e-8", 8, "TPU v5e"), ("8x A100-40GB", 8, "A100-SXM4-40GB"), ("8x A100-80GB", 8, "A100"),
+            ("1x H200", 1, "H200")]
+
+
+def write_config(directory, size):
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as fh:
+        json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000,
+                   "num_key_value_heads": LLAMA2[size]["num_attention_heads"], "max_position_embeddings": 4096,
+                   "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", **LLAMA2[size]}, fh)
+
+
+def fix_text(fix):
+    gb = f"{fix['total'] / 1e9:.1f} GB"
+    if "data_parallel" in fix["changes"]:  # the same flags on a bigger machine
+        return f"{fix['devices']} such devices ({gb})"
+    return f"`{fix['flags']}` ({gb})"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="7B,13B")
+    p.add_argument("--machines", default=",".join(m[0] for m in MACHINES))
+    p.add_argument("--cache_dir", default=os.path.join(ROOT, ".cache"))
+    p.add_argument("--data", default="", help="Alpaca records; '' = the 52,002 records of ../shared/data, else the sample")
+    args = p.parse_args()
+    data = args.data or (REAL_DATA if os.path.exists(REAL_DATA[0]) else SAMPLE_DATA)[0]
+    tokenizer = SAMPLE_DATA[1]  # the LLaMA tokenizer in tests/assets (the same file as ../shared/data's)
+    print(f"data: {data}" + (" (the 52,002 records in ../shared/data not found: the 2,000-record sample)" if data == SAMPLE_DATA[0] else ""), flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.models.split(","):
+            model = os.path.join(tmp, f"Llama-2-{size}")
+            write_config(model, size)
+            for name, devices, kind in MACHINES:
+                if name not in args.machines.split(","):
+                    continue
+                gb = alpaca.DEVICE_MEMORY_GB[kind]
+                c = alpaca.Config(model=model, tokenizer=tokenizer, data=data, cache_dir=args.cache_dir,
+                                  data_parallel=devices, device_memory_gb=gb)
+                t0 = time.time()
+                info, plan = alpaca.plan_run(c)
+                rec = {"model": f"Llama-2-{size}", "machine": name, "devices": devices, "device_gb": gb,
+                       "rows": plan["rows"], "seq_len": plan["seq_len"], "per_device_gb": round(plan["total"] / 1e9, 2),
+                       "fits": plan["fits"], "fixes": [fix_text(f) for f in plan.get("fixes", [])],
+                       "seconds": round(time.time() - t0, 1)}
+                print(json.dumps(rec), flush=True)
+                rows.append(rec)
+    print("\n| model | machine | devices x GB | per device at the defaults | fits | flags that make it fit (per device) |")
+    print("|---|---|---|---:|---|---|")
+    for r in rows:
+        fixes = "; ".join(r["fixes"]) or ("" if r["fits"] else "none tried fits")
+        print(f"| {r['model']} | {r['machine']} | {r['devices']} x {r['device_gb']:g} | {r['per_device_gb']:.1f} GB "
+              f"({r['rows']} rows x {r['seq_len']}) | {'yes' if r['fits'] else 'no'} | {fixes} |")
+
+
+if __name__ == "__main__":
+    main()
