@@ -170,7 +170,7 @@ def compile_jax(mc, examples, plan, args, mesh, micro_batches=1):
     only), so that the memory it needs is known before any of it is allocated; and the batches it will run.
     Returns (compiled step, batches, compile seconds, bytes the step needs per device)."""
     vocab_examples = {**examples, "tokens": examples["tokens"] % mc.vocab_size}
-    opt = sharding.AdamWConfig(lr=1e-5, warmup_steps=1, total_steps=10_000)
+    opt = alpaca.adamw_config(alpaca.Config(), 10_000)
     step = sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(args.compute_dtype),
                                     remat=args.remat == "on", num_micro_batches=micro_batches)
     batches = [sharding.shard_batch(alpaca.make_batch(vocab_examples, plan, k), mesh)
