@@ -570,8 +570,7 @@ def micro_batches(rows, micro_batch_size, devices):
     return rows // micro_batch_size
 
 
-def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack=True, data_parallel=1,
-               lookahead=LOOKAHEAD):
+def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack=True, data_parallel=1):
     """Which examples go into which row of which step, for `steps` steps (or `epochs` epochs if steps=0):
        order      int32[M]                example ids in row order: step by step, row by row
        row_start  int64[steps * R + 1]    row r of step k holds order[row_start[k*R+r] : row_start[k*R+r+1]]
@@ -588,7 +587,7 @@ def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack
     rows, epoch_of_step, epoch = [], [], 0
     while (steps and len(epoch_of_step) < steps) or (not steps and epoch < epochs):
         perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
-        epoch_rows = _pack_epoch(perm, lengths, R, T, lookahead) if pack else \
+        epoch_rows = _pack_epoch(perm, lengths, R, T) if pack else \
             [[int(i)] for i in perm] + [[] for _ in range(-len(perm) % R)]
         rows += epoch_rows
         epoch_of_step += [epoch] * (len(epoch_rows) // R)
@@ -601,11 +600,11 @@ def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack
             "steps": n, "rows_per_step": R, "seq_len": T, "steps_per_epoch": epoch_of_step.count(0)}
 
 
-def _pack_epoch(perm, lengths, R, T, lookahead):
+def _pack_epoch(perm, lengths, R, T):
     """Rows of one epoch, R per step, by greedy first-fit over a look-ahead window (see above)."""
     out, window, next_ = [], [], 0
     while window or next_ < len(perm):
-        take = perm[next_:next_ + lookahead - len(window)]
+        take = perm[next_:next_ + LOOKAHEAD - len(window)]
         window, next_ = window + [int(i) for i in take], next_ + len(take)
         free, rows, waiting = [T] * R, [[] for _ in range(R)], []
         most_free = T
@@ -1236,14 +1235,19 @@ def model_config(c, weights=True):
     return model_dir, mc
 
 
+def adamw_config(c, steps):
+    """The optimizer of these flags over a run of `steps` steps (warmup: HF's ceil of the ratio)."""
+    import sharding
+    return sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
+                                grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
+                                total_steps=steps)
+
+
 def make_step(c, mc, mesh, steps, micro):
     """The train step of these flags: what train() runs and what the memory plan compiles."""
     import jax.numpy as jnp
     import sharding
-    opt = sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                               grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
-                               total_steps=steps)
-    return sharding.make_train_step(mc, mesh, opt, compute_dtype=jnp.dtype(c.compute_dtype),
+    return sharding.make_train_step(mc, mesh, adamw_config(c, steps), compute_dtype=jnp.dtype(c.compute_dtype),
                                     num_micro_batches=micro, remat=not c.no_remat, lora=lora_config(c, mc))
 
 

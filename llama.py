@@ -522,12 +522,10 @@ def sample_token(logits, key, temperature, top_p):
 
 
 def generate(params, prompt, c: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
-             top_p: float = 1.0, key=None, eos_token_id: int | None = None, compute_dtype=None,
-             use_cache: bool = True):
+             top_p: float = 1.0, key=None, eos_token_id: int | None = None, compute_dtype=None):
     """Continue prompts (int32 [B, T0], same length) by up to max_new_tokens tokens.
     Returns int32 [B, max_new_tokens]; after a sequence's EOS the rest is filled with EOS.
-    With the cache, the prompt is run once (prefill) and each new token costs one step over one position;
-    use_cache=False recomputes the whole prefix each step (slow; it exists to test the cache)."""
+    A KV cache: the prompt is run once (prefill) and each new token costs one step over one position."""
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim == 1:
         prompt = prompt[None]
@@ -540,8 +538,7 @@ def generate(params, prompt, c: LlamaConfig, *, max_new_tokens: int = 128, tempe
     if prompt.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"{'sliding_window' if limit < c.max_position_embeddings else 'max_position_embeddings'}={limit}")
-    fn = _generate_cached if use_cache else _generate_nocache
-    return fn(params, prompt, key, c, max_new_tokens, float(temperature), float(top_p), eos,
+    return _generate_cached(params, prompt, key, c, max_new_tokens, float(temperature), float(top_p), eos,
               _compute_dtype(params, compute_dtype))
 
 
@@ -567,23 +564,6 @@ def _generate_cached(params, prompt, key, c, max_new, temperature, top_p, eos, d
     return toks.T
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
-def _generate_nocache(params, prompt, key, c, max_new, temperature, top_p, eos, dtype):
-    B, T0 = prompt.shape
-    seq = jnp.concatenate([prompt, jnp.zeros((B, max_new), jnp.int32)], axis=1)
-    done = jnp.zeros((B,), bool)
-    toks = []
-    for i in range(max_new):  # test-only path: unrolled, a full forward per token
-        logits = forward(params, seq, c, compute_dtype=dtype)[:, T0 + i - 1]
-        key, sub = jax.random.split(key)
-        tok = sample_token(logits, sub, temperature, top_p)
-        tok = jnp.where(done, eos if eos is not None else 0, tok)
-        done = done | (tok == eos) if eos is not None else done
-        seq = seq.at[:, T0 + i].set(tok)
-        toks.append(tok)
-    return jnp.stack(toks, axis=1)
-
-
 # ---------------------------------------------------------------------------------------------------------
 # 6. Hugging Face checkpoints
 # ---------------------------------------------------------------------------------------------------------
@@ -593,7 +573,7 @@ HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.saf
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old Llama conversions store RoPE frequencies; we recompute them
 
 
-def resolve_model_path(path_or_repo_id: str, revision: str | None = None, allow_patterns=None) -> str:
+def resolve_model_path(path_or_repo_id: str, allow_patterns=None) -> str:
     """A local directory as is; otherwise a Hub repo id, downloaded (only the files we read) into the HF cache.
     The token comes from huggingface_hub's usual sources (HF_TOKEN, `hf auth login`)."""
     if os.path.isdir(path_or_repo_id):
@@ -602,7 +582,7 @@ def resolve_model_path(path_or_repo_id: str, revision: str | None = None, allow_
         raise CheckpointError(f"{path_or_repo_id}: no such model directory")
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(path_or_repo_id, revision=revision, allow_patterns=allow_patterns or HF_FILES)
+        return snapshot_download(path_or_repo_id, allow_patterns=allow_patterns or HF_FILES)
     except Exception as e:  # not found, gated, offline: all are "cannot get this model"
         raise CheckpointError(f"{path_or_repo_id}: not a local directory, and the Hub download failed: "
                               f"{type(e).__name__}: {e}") from e
@@ -672,13 +652,13 @@ def check_checkpoint(path: str):
     return c, where, expected
 
 
-def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None, revision: str | None = None):
+def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
     """(config, params) from a Hugging Face Llama checkpoint: a local directory or a Hub repo id.
 
     Streams tensor by tensor from memory-mapped safetensors. With `shardings` (a pytree like the params of
     jax.sharding.Sharding) every device receives only its own slice, read with get_slice, so host memory
     never holds a second copy of the model."""
-    path = resolve_model_path(path_or_repo_id, revision)
+    path = resolve_model_path(path_or_repo_id)
     c, where, expected = check_checkpoint(path)
 
     from safetensors import safe_open
@@ -1004,22 +984,6 @@ def load_peft(path: str, c: LlamaConfig, lc: LoraConfig) -> dict:
             stacks[key] = jnp.asarray(np.stack(layers), jnp.float32)
         out[ours] = stacks
     return {"layers": out}
-
-
-def resize_vocab(params, c: LlamaConfig, new_size: int):
-    """Stanford Alpaca's smart_tokenizer_and_embedding_resize: new embedding rows (and LM-head columns) are
-    the mean of the existing ones, so a new token (e.g. [PAD]) starts as an "average" token."""
-    old = c.vocab_size
-    if new_size < old:
-        raise ValueError(f"resize_vocab: new size {new_size} is smaller than the vocabulary ({old})")
-    params = dict(params)
-    emb = params["embed"]
-    params["embed"] = jnp.concatenate([emb, jnp.broadcast_to(emb.mean(0, keepdims=True), (new_size - old, emb.shape[1]))])
-    if "lm_head" in params:
-        head = params["lm_head"]
-        params["lm_head"] = jnp.concatenate(
-            [head, jnp.broadcast_to(head.mean(1, keepdims=True), (head.shape[0], new_size - old))], axis=1)
-    return params, dataclasses.replace(c, vocab_size=new_size)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,14 +2,15 @@
 
 Read top to bottom: the mesh, the partition table, the two collectives that make FSDP (all-gather a
 layer's weights before use; its gradient is a reduce-scatter), AdamW by hand, and the train step that
-puts them together, for every weight or (LoRA) for low-rank adapters on frozen weights. llama.py never
-mentions devices: everything about them is in this file.
+puts them together, for every weight or (LoRA) for low-rank adapters on frozen weights. Every collective
+of a step is written out here; llama.py meets devices only where it reads and writes checkpoints (load_hf
+puts each slice on its device, save_hf gathers a layer at a time).
 
 One step, walked through for Llama-2-7B on a TPU v3-32
 -----------------------------------------------------
 Llama-2-7B: V=32000, D=4096, L=32 layers, H=K=32 heads of E=128, F=11008; 6.74e9 parameters, of which
 202.4e6 per decoder layer. A TPU v3-32 is 16 chips x 2 TensorCores; JAX sees N=32 devices (one per core,
-16 GiB HBM each). Mesh: fsdp=32, model=1. Global batch: R=32 rows of T=512 tokens (about 128 packed
+16 GiB HBM each). Mesh: fsdp=32. Global batch: R=32 rows of T=512 tokens (about 128 packed
 Alpaca examples), i.e. ONE row [1, 512] per device; num_micro_batches=1.
 
 What each device holds between steps (float32; every weight split along D, so D/N = 128):
@@ -61,7 +62,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import llama
 
-FSDP, MODEL = "fsdp", "model"
+FSDP = "fsdp"  # the one mesh axis: every device holds a slice of every weight and its own rows of the batch
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # each [R, T]
 
 # ---------------------------------------------------------------------------------------------------------
@@ -69,19 +70,14 @@ BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")  # e
 # ---------------------------------------------------------------------------------------------------------
 
 
-def make_mesh(fsdp: int | None = None, model: int = 1, *, devices=None) -> Mesh:
-    """A (fsdp, model) mesh over `devices`, by default every device of every process. With several hosts,
+def make_mesh(*, devices=None) -> Mesh:
+    """A one-axis ("fsdp") mesh over `devices`, by default every device of every process. With several hosts,
     call jax.distributed.initialize() first (automatic on TPU VMs; alpaca.py does it): jax.devices() then
-    lists the devices of all hosts. The "model" axis (size 1) is kept for tensor parallelism; nothing in this
-    file shards over it, so with model > 1 every model-group would simply repeat the same work."""
+    lists the devices of all hosts. Tensor parallelism would add a second axis; nothing here needs one."""
     devices = jax.devices() if devices is None else list(devices)
-    if fsdp is None:
-        fsdp = len(devices) // model
-    if fsdp * model != len(devices):
-        raise ValueError(f"mesh fsdp={fsdp} x model={model} does not match the {len(devices)} devices")
     # jax.make_mesh orders the devices so that mesh neighbours are torus (or NVLink) neighbours. Auto axes:
     # make_mesh's default (Explicit) would make jit type-check shardings, which shard_map code does not want.
-    return jax.make_mesh((fsdp, model), (FSDP, MODEL), axis_types=(AxisType.Auto,) * 2, devices=devices)
+    return jax.make_mesh((len(devices),), (FSDP,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -237,16 +233,16 @@ def gather_params(params, compute_dtype, reduce_dtype, *, prefix: str = "", drop
 
 @dataclasses.dataclass(frozen=True)
 class AdamWConfig:
-    """Defaults: Stanford Alpaca's recipe (lr 2e-5, no weight decay, clip 1.0, 3 epochs = 1218 steps,
-    warmup_ratio 0.03 -> HF's ceil(0.03 * 1218) = 37 warmup steps)."""
-    lr: float = 2e-5
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 or None: no clipping
-    warmup_steps: int = 37
-    total_steps: int = 1218
+    """The optimizer's settings; alpaca.py's flags hold the recipe's values (Stanford Alpaca: lr 2e-5, betas
+    (0.9, 0.999), eps 1e-8, no weight decay, clip 1.0, 3% warmup)."""
+    lr: float
+    b1: float
+    b2: float
+    eps: float
+    weight_decay: float
+    grad_clip: float  # max global gradient norm; 0: no clipping
+    warmup_steps: int
+    total_steps: int
 
 
 def lr_at(cfg: AdamWConfig, step):
@@ -443,23 +439,3 @@ def make_train_step(config: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig,
 
     return train_step
 
-
-def make_eval_step(config: llama.LlamaConfig, mesh: Mesh, *, compute_dtype=jnp.bfloat16):
-    """eval_step(params, batch) -> {"loss", "n_tokens"}: the forward pass alone, same gathers, no update."""
-    n = mesh.shape[FSDP]
-    specs = partition_specs(_param_shapes(config), mesh)
-    loss = _local_loss(config, compute_dtype, jnp.float32, remat=False)
-
-    def local_eval(params, batch):
-        loss_sum, n_tokens = jax.lax.psum(loss(params, batch), FSDP)  # ALL-REDUCE of two scalars, as above
-        return {"loss": loss_sum / jnp.maximum(n_tokens, 1.0), "n_tokens": n_tokens}
-
-    sharded = jax.shard_map(local_eval, mesh=mesh, in_specs=(specs, {k: P(FSDP) for k in BATCH_KEYS}),
-                            out_specs=P(), check_vma=True)
-
-    @jax.jit
-    def eval_step(params, batch):
-        _check_rows(batch, n, f"{n} fsdp devices")
-        return sharded(params, {k: batch[k] for k in BATCH_KEYS})
-
-    return eval_step

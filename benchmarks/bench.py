@@ -173,7 +173,7 @@ def compile_jax(mc, examples, plan, args, mesh, micro_batches=1, lora=None):
     Returns (compiled step, batches, compile seconds, bytes the step needs per device)."""
     vocab_examples = {**examples, "tokens": examples["tokens"] % mc.vocab_size}
     cdt = jnp.dtype(args.compute_dtype)
-    opt = sharding.AdamWConfig(lr=1e-5, warmup_steps=1, total_steps=10_000)
+    opt = alpaca.adamw_config(alpaca.Config(), 10_000)
     step = sharding.make_train_step(mc, mesh, opt, compute_dtype=cdt, remat=args.remat == "on",
                                     num_micro_batches=micro_batches, lora=lora)
     batches = [sharding.shard_batch(alpaca.make_batch(vocab_examples, plan, k), mesh)
@@ -247,7 +247,8 @@ def memory_plan(name, mc, args, mode):
     params, trained, opt_state, batch = alpaca.abstract_train_inputs(
         mc, mesh, jnp.dtype(args.memory_base_dtype) if lora else jnp.float32, args.memory_rows, args.seq_len, lora)
     frozen = (params,) if lora else ()
-    step = sharding.make_train_step(mc, mesh, sharding.AdamWConfig(), compute_dtype=jnp.dtype(args.compute_dtype),
+    step = sharding.make_train_step(mc, mesh, alpaca.adamw_config(alpaca.Config(), 10_000),
+                                    compute_dtype=jnp.dtype(args.compute_dtype),
                                     num_micro_batches=args.memory_micro_batches, remat=args.remat == "on", lora=lora)
     t0 = time.perf_counter()
     mem = step.lower(trained, opt_state, batch, *frozen).compile().memory_analysis()

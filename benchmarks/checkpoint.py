@@ -55,7 +55,7 @@ def main(argv=None):
                                   "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1))}, mesh)
     state = {"params": sharding.init_sharded_params(mc, jax.random.key(0), mesh)}
     state["opt_state"] = sharding.init_opt_state(state["params"])
-    step_fn = sharding.make_train_step(mc, mesh, sharding.AdamWConfig(lr=1e-5, warmup_steps=1, total_steps=10_000),
+    step_fn = sharding.make_train_step(mc, mesh, alpaca.adamw_config(alpaca.Config(), 10_000),
                                        compute_dtype=jnp.float32)
     out = args.out or tempfile.mkdtemp(prefix="checkpoint-bench-")
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
