@@ -67,18 +67,13 @@ def run_sharded(n_devices, batch, *, config=CONFIG, num_micro_batches=1, steps=S
     return dict(mesh=mesh, params=params, opt_state=opt_state, metrics=metrics, step=step, batch=sharded_batch)
 
 
-def run_reference(batch, *, config=CONFIG, steps=STEPS):
-    """Independent: jax.grad of the unsharded mean loss, optax's clipping, AdamW and warmup-cosine schedule."""
+def optax_steps(start, mean_loss, steps=STEPS, decay_mask=None):
+    """Independent: jax.grad of mean_loss from `start`, optax's clipping, AdamW and warmup-cosine schedule.
+    Returns (what was trained, losses, gradient norms)."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, OPT.lr, OPT.warmup_steps, OPT.total_steps, 0.0)
-    decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path),
-                                                  host_params(config))
     tx = optax.chain(optax.clip_by_global_norm(OPT.grad_clip),
                      optax.adamw(schedule, b1=OPT.b1, b2=OPT.b2, eps=OPT.eps, weight_decay=OPT.weight_decay,
                                  mask=decay_mask))
-
-    def mean_loss(p):
-        loss_sum, n = llama.loss_fn(p, batch, config, compute_dtype=jnp.float32)
-        return loss_sum / n
 
     @jax.jit
     def step(p, s):
@@ -86,14 +81,24 @@ def run_reference(batch, *, config=CONFIG, steps=STEPS):
         updates, s = tx.update(g, s, p)
         return optax.apply_updates(p, updates), s, loss, optax.tree.norm(g)
 
-    params = jax.tree.map(jnp.asarray, host_params(config))
-    state = tx.init(params)
+    params, state = start, tx.init(start)
     losses, norms = [], []
     for _ in range(steps):
         params, state, loss, norm = step(params, state)
         losses.append(float(loss))
         norms.append(float(norm))
     return params, losses, norms
+
+
+def run_reference(batch, *, config=CONFIG, steps=STEPS):
+    """The full fine-tune's reference: every weight trained, the norms' weights not decayed."""
+    def mean_loss(p):
+        loss_sum, n = llama.loss_fn(p, batch, config, compute_dtype=jnp.float32)
+        return loss_sum / n
+
+    decay_mask = jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path),
+                                                  host_params(config))
+    return optax_steps(jax.tree.map(jnp.asarray, host_params(config)), mean_loss, steps, decay_mask)
 
 
 @pytest.fixture(scope="module")
@@ -277,26 +282,12 @@ def test_lora_step_trains_only_the_adapters_and_matches_plain_grad_and_optax(lor
     # Reference: jax.grad of the unsharded mean loss w.r.t. the adapters alone, optax's AdamW and clipping.
     batch = make_batch(16)
     base = jax.tree.map(jnp.asarray, bf16_base())
-    schedule = optax.warmup_cosine_decay_schedule(0.0, OPT.lr, OPT.warmup_steps, OPT.total_steps, 0.0)
-    tx = optax.chain(optax.clip_by_global_norm(OPT.grad_clip),
-                     optax.adamw(schedule, b1=OPT.b1, b2=OPT.b2, eps=OPT.eps, weight_decay=OPT.weight_decay))
 
-    @jax.jit
-    def step(ad, state):
-        def mean_loss(ad):
-            loss_sum, n = llama.loss_fn(base, batch, CONFIG, compute_dtype=jnp.float32, lora=ad, lora_scale=LORA.scale)
-            return loss_sum / n
-        loss, g = jax.value_and_grad(mean_loss)(ad)
-        updates, state = tx.update(g, state, ad)
-        return optax.apply_updates(ad, updates), state, loss, optax.tree.norm(g)
+    def mean_loss(ad):
+        loss_sum, n = llama.loss_fn(base, batch, CONFIG, compute_dtype=jnp.float32, lora=ad, lora_scale=LORA.scale)
+        return loss_sum / n
 
-    ad = jax.tree.map(jnp.asarray, host_adapters())
-    state = tx.init(ad)
-    losses, norms = [], []
-    for _ in range(STEPS):
-        ad, state, loss, norm = step(ad, state)
-        losses.append(float(loss))
-        norms.append(float(norm))
+    ad, losses, norms = optax_steps(jax.tree.map(jnp.asarray, host_adapters()), mean_loss)
     np.testing.assert_allclose([m["loss"] for m in lora_eight["metrics"]], losses, rtol=RTOL)
     np.testing.assert_allclose([m["grad_norm"] for m in lora_eight["metrics"]], norms, rtol=RTOL)
     assert_trees_close(lora_eight["adapters"], ad)
