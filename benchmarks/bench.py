@@ -239,9 +239,9 @@ def memory_plan(name, mc, args, mode):
     """XLA's per-device memory_analysis of the train step compiled for abstract inputs (nothing is allocated
     or run): mode packed, the full fine-tune (float32 weights and AdamW state, float32 gradients); mode lora,
     the frozen base in --memory_base_dtype (bfloat16: alpaca.py's default with --lora_rank) and float32
-    adapters (rank --lora_rank, all seven matrices) with their AdamW state. --memory_rows rows of --seq_len in --memory_micro_batches
-    passes, compute in --compute_dtype. On CPU this is XLA:CPU's buffer assignment: an estimate of an
-    accelerator's, not a measurement of one."""
+    adapters (rank --lora_rank, all seven matrices) with their AdamW state. --memory_rows rows of --seq_len
+    in --memory_micro_batches passes, compute in --compute_dtype. On CPU this is XLA:CPU's buffer
+    assignment: an estimate of an accelerator's, not a measurement of one."""
     mesh = sharding.make_mesh()
     lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
     params, trained, opt_state, batch = alpaca.abstract_train_inputs(
@@ -252,9 +252,10 @@ def memory_plan(name, mc, args, mode):
                                     num_micro_batches=args.memory_micro_batches, remat=args.remat == "on", lora=lora)
     t0 = time.perf_counter()
     mem = step.lower(trained, opt_state, batch, *frozen).compile().memory_analysis()
-    return emit({"config": name, "mode": mode, "memory_only": True, "devices": mesh.shape["fsdp"], "rows": args.memory_rows,
-                 "seq_len": args.seq_len, "micro_batches": args.memory_micro_batches, "compute_dtype": args.compute_dtype,
-                 "remat": args.remat, "lora_rank": lora and lora.rank, "base_dtype": str(params["embed"].dtype), "compile_s": round(time.perf_counter() - t0, 1),
+    return emit({"config": name, "mode": mode, "memory_only": True, "devices": mesh.shape["fsdp"],
+                 "rows": args.memory_rows, "seq_len": args.seq_len, "micro_batches": args.memory_micro_batches,
+                 "compute_dtype": args.compute_dtype, "remat": args.remat, "lora_rank": lora and lora.rank,
+                 "base_dtype": str(params["embed"].dtype), "compile_s": round(time.perf_counter() - t0, 1),
                  "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
                  "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
                  "total_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
