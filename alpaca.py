@@ -895,12 +895,6 @@ def checkpoint_dir(out, step):
     return os.path.join(out, "checkpoints", f"step_{step:08d}")
 
 
-def _leaves_with_names(tree):
-    import jax
-    return [("/".join(str(getattr(k, "key", k)) for k in path), leaf)
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
 def _fault(point):
     """Fault injection for the tests: ALPACA_CRASH_AT=POINT[:SIGNAL] sends SIGNAL (SIGKILL) to this process at
     POINT: writing-N (halfway through writing checkpoint N), checkpoint-N (its files written, not committed),
@@ -929,8 +923,9 @@ def start_checkpoint(out, step, state):
     """Copy this process's slices of `state` (a pytree of global jax.Arrays) to host memory, then write them
     into checkpoint `step` in a background thread (step 1 of the protocol). The caller waits for the copy only."""
     import jax
+    import llama
     shards = []
-    for name, arr in _leaves_with_names(state):
+    for name, arr in llama.named_leaves(state):
         seen = set()
         for shard in arr.addressable_shards:  # each distinct slice once (a replicated one is on every device)
             start = tuple(s.indices(n)[0] for s, n in zip(shard.index, arr.shape))
@@ -1138,6 +1133,7 @@ def load_checkpoint(out, step, like):
     .sharding), whatever device layout wrote it. Each slice this process's devices need is assembled from the
     overlapping parts of the saved slices, read memory-mapped from whichever process's file holds them."""
     import jax
+    import llama
     directory = checkpoint_dir(out, step)
     saved = {}  # name -> {(start, shape): (file, dtype, offset)}, each distinct slice once
     for index in sorted(glob.glob(os.path.join(directory, "process_*.json"))):
@@ -1172,7 +1168,7 @@ def load_checkpoint(out, step, like):
             return local
         return jax.make_array_from_callback(leaf.shape, leaf.sharding, read)
 
-    leaves = [build(name, leaf) for name, leaf in _leaves_with_names(like)]
+    leaves = [build(name, leaf) for name, leaf in llama.named_leaves(like)]
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 

@@ -178,6 +178,17 @@ TOP_NAMES = {
 }
 
 
+def path_name(path) -> str:
+    """The name of a parameter from its pytree path: "layers/wq", "embed". PARTITION_RULES (sharding.py),
+    checkpoints and error messages all use these names."""
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def named_leaves(tree, is_leaf=None) -> list:
+    """[(path_name, leaf)] of a pytree, in its flattening order."""
+    return [(path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
+
+
 def param_shapes(c: LlamaConfig) -> dict:
     """Our parameter shapes, the single source of truth for loading, init and sharding."""
     D, F, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
@@ -205,13 +216,11 @@ def param_shapes(c: LlamaConfig) -> dict:
 def init_params(c: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> dict:
     """Random weights (normal(0, std), norms at 1): for tests and benchmarks, not for training from scratch."""
     shapes = param_shapes(c)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda s: isinstance(s, tuple))[0]]
-    keys = jax.random.split(key, len(leaves))
-    out = [
-        jnp.ones(s, dtype) if "norm" in p else (std * jax.random.normal(k, s, jnp.float32)).astype(dtype)
-        for p, s, k in zip(paths, leaves, keys)
-    ]
+    named = named_leaves(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(named))
+    out = [jnp.ones(s, dtype) if name.endswith("norm") else (std * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+           for (name, s), k in zip(named, keys)]
+    treedef = jax.tree.structure(shapes, is_leaf=lambda s: isinstance(s, tuple))
     return jax.tree.unflatten(treedef, out)
 
 

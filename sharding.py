@@ -115,10 +115,6 @@ PARTITION_RULES = {
 }
 
 
-def _name(path) -> str:
-    return "/".join(str(k.key) for k in path)
-
-
 def fsdp_dim(name: str) -> int:
     """The dimension of parameter `name` that is split over "fsdp"."""
     return list(PARTITION_RULES[name]).index(FSDP)
@@ -129,7 +125,7 @@ def partition_specs(params_or_shapes, mesh: Mesh):
     n = mesh.shape[FSDP]
 
     def spec(path, x):
-        name = _name(path)
+        name = llama.path_name(path)
         if name not in PARTITION_RULES:
             raise KeyError(f"no partition rule for parameter {name!r}; PARTITION_RULES has {list(PARTITION_RULES)}")
         s, shape = PARTITION_RULES[name], tuple(x.shape)
@@ -219,7 +215,7 @@ def gather_params(params, compute_dtype, reduce_dtype, *, prefix: str = "", drop
     their own dtype, as llama.py computes RMSNorm in float32 (they are tiny). drop_leading_axis: the tree is
     one layer of the stacked "layers" dict, whose L axis the scan has already removed."""
     def gather(path, w):
-        axis = fsdp_dim(prefix + _name(path)) - (1 if drop_leading_axis else 0)
+        axis = fsdp_dim(prefix + llama.path_name(path)) - (1 if drop_leading_axis else 0)
         dtype = (compute_dtype or w.dtype) if w.ndim > 1 else w.dtype
         return gather_weight(w, axis, dtype, reduce_dtype)
 
@@ -293,7 +289,7 @@ def adamw_update(params, grads, opt_state, cfg: AdamWConfig, grad_norm):
         nu = cfg.b2 * nu + (1 - cfg.b2) * g * g
         u = (mu / (1 - cfg.b1 ** t)) / (jnp.sqrt(nu / (1 - cfg.b2 ** t)) + cfg.eps)
         p32 = p.astype(jnp.float32)
-        if decays(_name(path)) and cfg.weight_decay:
+        if decays(llama.path_name(path)) and cfg.weight_decay:
             u = u + cfg.weight_decay * p32
         return (p32 - lr * u).astype(p.dtype), mu, nu
 
