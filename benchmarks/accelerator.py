@@ -25,8 +25,8 @@ peak it reports is its own. Each prints JSON lines; this process prints them as 
             the measured s/step and the packing plan. If not: one row per micro-batch, then the most layers
             that fit (from the memory of one layer), and by how much the full step misses.
 Rates, FLOPs and MFU are benchmarks/bench.py's (which this reuses): useful FLOPs (llama.train_flops) over
-time, against the measured and the datasheet peak. Example lengths: the real Alpaca records when
-../shared/data is there, else the 2,000-record sample in tests/assets (it says which).
+time, against the measured and the datasheet peak. Example lengths: --data (Stanford's alpaca_data.json),
+by default the 2,000-record sample in tests/assets (it says which).
 --small swaps both configs for the tiny one (stories260K's shape), 16 examples a step in rows of 256 and 2
 timed steps, so that the whole path runs on a CPU in a minute or two (tests/test_benchmarks.py runs it).
 """
@@ -194,7 +194,7 @@ def part_7b(args, examples, mc):
 
 def run_part(args):
     one_b, seven_b, batch, seq_len, pad_len = settings(args)
-    examples, info = bench.load_examples(args.cache_dir, max_len=pad_len)
+    examples, info = bench.load_examples(args.data, args.cache_dir, max_len=pad_len)
     name = "1b" if not args.small else "tiny"
     if args.part in ("peak", "peak_end"):
         return part_peak(args, examples, info)
@@ -322,6 +322,8 @@ def main(argv=None):
                         "0: what the device reports (none on CPU)")
     p.add_argument("--compute_dtype", default="", help="'' = bfloat16 off CPU, float32 on CPU")
     p.add_argument("--cache_dir", default=os.path.join(bench.ROOT, ".cache"), help="tokenized examples")
+    p.add_argument("--data", default=bench.SAMPLE, help="Alpaca records (path or URL) for the example lengths; "
+                                                       "default: the 2,000-record sample in tests/assets")
     p.add_argument("--part", choices=[n for n, _ in PARTS], help="run one part in this process and exit")
     # Set by the orchestrating process for a part: when it must be done, the peaks measured first.
     p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)

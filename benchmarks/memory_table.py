@@ -1,14 +1,14 @@
 """What fits where: the memory plan of `alpaca.py --dry_run` for Llama-2-7B and 13B on common machines.
 
-    .venv/bin/python benchmarks/memory_table.py            # compiles the 7B and 13B steps: an hour on 2 CPU cores
+    .venv/bin/python benchmarks/memory_table.py --data alpaca_data.json   # 7B and 13B compiles: minutes to an hour
 
 For each model and machine it runs alpaca.py's planner (alpaca.plan_run, what --dry_run prints) at the
 default flags with --data_parallel = the machine's jax device count and --device_memory_gb = one device's
 HBM: XLA compiles the real train step on that many virtual CPU devices and reports what one device holds;
 where that does not fit, the planner's own suggestions follow, each checked by its own compile. Only
 config.json is needed (the public Llama-2 shapes, written to a temporary directory) and the LLaMA tokenizer
-in tests/assets; no weights. The data: the 52,002 Stanford Alpaca records from ../shared/data when present,
-else the 2,000-record sample in tests/assets (it says which). Compiles are cached in --cache_dir, so a rerun
+in tests/assets; no weights. The data: --data (Stanford's alpaca_data.json, whose plan the table shows), by
+default the 2,000-record sample in tests/assets (it says which). Compiles are cached in --cache_dir, so a rerun
 is quick. Prints one JSON line per machine, then a Markdown table.
 """
 
@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import alpaca  # noqa: E402
-from bench import REAL_DATA, SAMPLE_DATA  # noqa: E402
+from bench import SAMPLE, TOKENIZER  # noqa: E402
 
 # The public config.json of meta-llama/Llama-2-7b-hf and -13b-hf (the fields that matter here).
 LLAMA2 = {"7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
@@ -57,11 +57,12 @@ def main():
     p.add_argument("--models", default="7B,13B")
     p.add_argument("--machines", default=",".join(m[0] for m in MACHINES))
     p.add_argument("--cache_dir", default=os.path.join(ROOT, ".cache"))
-    p.add_argument("--data", default="", help="Alpaca records; '' = the 52,002 records of ../shared/data, else the sample")
+    p.add_argument("--data", default=SAMPLE, help="Alpaca records (Stanford's alpaca_data.json for the real plan); "
+                                             "default: the 2,000-record sample in tests/assets")
     args = p.parse_args()
-    data = args.data or (REAL_DATA if os.path.exists(REAL_DATA[0]) else SAMPLE_DATA)[0]
-    tokenizer = SAMPLE_DATA[1]  # the LLaMA tokenizer in tests/assets (the same file as ../shared/data's)
-    print(f"data: {data}" + (" (the 52,002 records in ../shared/data not found: the 2,000-record sample)" if data == SAMPLE_DATA[0] else ""), flush=True)
+    data, tokenizer = args.data, TOKENIZER  # the LLaMA tokenizer shipped in tests/assets
+    print(f"data: {data}" + (" (the 2,000-record sample: pass --data alpaca_data.json for all of Alpaca)"
+                             if data == SAMPLE else ""), flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.models.split(","):

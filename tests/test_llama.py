@@ -185,10 +185,11 @@ def test_load_hf_into_a_sharding_gives_each_device_its_slice():
 def greedy_without_cache(params, prompt, c, n):
     """The reference for the KV cache: a full forward pass over the whole sequence for every new token (the
     sequence is padded to its final length, which a causal model never looks at, so it compiles once)."""
+    logits = jax.jit(lambda p, s: llama.forward(p, s, c))
     seq = np.zeros(len(prompt) + n, np.int32)
     seq[:len(prompt)] = prompt
     for i in range(len(prompt), len(seq)):
-        seq[i] = int(jnp.argmax(llama.forward(params, jnp.asarray(seq[None]), c)[0, i - 1]))
+        seq[i] = int(jnp.argmax(logits(params, jnp.asarray(seq[None]))[0, i - 1]))
     return seq[len(prompt):]
 
 
