@@ -189,10 +189,10 @@ def named_leaves(tree, is_leaf=None) -> list:
     return [(path_name(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]]
 
 
-def param_shapes(c: LlamaConfig) -> dict:
+def param_shapes(mc: LlamaConfig) -> dict:
     """Our parameter shapes, the single source of truth for loading, init and sharding."""
-    D, F, L, V = c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.vocab_size
-    HE, KE = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    D, F, L, V = mc.hidden_size, mc.intermediate_size, mc.num_hidden_layers, mc.vocab_size
+    HE, KE = mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
     shapes = {
         "embed": (V, D),
         "layers": {
@@ -208,14 +208,14 @@ def param_shapes(c: LlamaConfig) -> dict:
         },
         "final_norm": (D,),
     }
-    if not c.tie_word_embeddings:
+    if not mc.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
     return shapes
 
 
-def init_params(c: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> dict:
+def init_params(mc: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> dict:
     """Random weights (normal(0, std), norms at 1): for tests and benchmarks, not for training from scratch."""
-    shapes = param_shapes(c)
+    shapes = param_shapes(mc)
     named = named_leaves(shapes, is_leaf=lambda s: isinstance(s, tuple))
     keys = jax.random.split(key, len(named))
     out = [jnp.ones(s, dtype) if name.endswith("norm") else (std * jax.random.normal(k, s, jnp.float32)).astype(dtype)
@@ -244,8 +244,8 @@ class LoraConfig:
         return self.alpha / self.rank
 
 
-def lora_shapes(c: LlamaConfig, lc: LoraConfig) -> dict:
-    layers = param_shapes(c)["layers"]
+def lora_shapes(mc: LlamaConfig, lc: LoraConfig) -> dict:
+    layers = param_shapes(mc)["layers"]
     out = {}
     for t in lc.targets:
         L, n_in, n_out = layers[LORA_TARGETS[t]]
@@ -253,10 +253,10 @@ def lora_shapes(c: LlamaConfig, lc: LoraConfig) -> dict:
     return {"layers": out}
 
 
-def init_lora(c: LlamaConfig, lc: LoraConfig, key) -> dict:
+def init_lora(mc: LlamaConfig, lc: LoraConfig, key) -> dict:
     """Adapters as PEFT initialises them: A is kaiming_uniform(a=sqrt(5)) on torch's [r, in] layout, i.e.
     uniform(-1/sqrt(in), 1/sqrt(in)); B is zero, so the adapted model starts exactly as the base. float32."""
-    shapes = lora_shapes(c, lc)["layers"]
+    shapes = lora_shapes(mc, lc)["layers"]
     keys = jax.random.split(key, len(shapes))
     out = {}
     for k, (name, s) in zip(keys, shapes.items()):
@@ -353,14 +353,14 @@ def causal_attention(q, k, v, mask, block: int):
     return jnp.concatenate(outs, axis=1)
 
 
-def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=None, lora=None, lora_scale=1.0):
+def decoder_layer(x, w, cos, sin, mask, mc: LlamaConfig, dtype, kv=None, index=None, lora=None, lora_scale=1.0):
     """One pre-norm decoder layer. x [B, T, D] float32 (the residual stream stays float32);
     matmuls run in `dtype`. With kv = {"k", "v": [B, S, K, E]} (a KV cache) the new keys/values are written
     at `index` and attention runs over the whole cache; the updated cache is returned. lora: this layer's
     adapters {"wq": {"a", "b"}, ...} (see LoraConfig), added to the matrices they name, scaled by lora_scale."""
     B, T, _ = x.shape
-    K, E = c.num_key_value_heads, c.head_dim
-    G = c.num_attention_heads // K
+    K, E = mc.num_key_value_heads, mc.head_dim
+    G = mc.num_attention_heads // K
     w = jax.tree.map(lambda a: a.astype(dtype) if a.ndim > 1 else a, w)  # no-op when the hook already cast
     lora = jax.tree.map(lambda a: a.astype(dtype), lora or {})
 
@@ -368,7 +368,7 @@ def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=No
         y = h @ w[name]
         return y + ((h @ lora[name]["a"]) @ lora[name]["b"]) * lora_scale if name in lora else y
 
-    h = rms_norm(x, w["attn_norm"], c.rms_norm_eps).astype(dtype)
+    h = rms_norm(x, w["attn_norm"], mc.rms_norm_eps).astype(dtype)
     q = apply_rope(proj(h, "wq").reshape(B, T, K, G, E), cos, sin)
     k = apply_rope(proj(h, "wk").reshape(B, T, K, E), cos, sin)
     v = proj(h, "wv").reshape(B, T, K, E)
@@ -383,7 +383,7 @@ def decoder_layer(x, w, cos, sin, mask, c: LlamaConfig, dtype, kv=None, index=No
     o = o.reshape(B, T, K * G * E)
     x = x + proj(o, "wo").astype(jnp.float32)
 
-    h = rms_norm(x, w["mlp_norm"], c.rms_norm_eps).astype(dtype)
+    h = rms_norm(x, w["mlp_norm"], mc.rms_norm_eps).astype(dtype)
     gate = jax.nn.silu(proj(h, "w_gate"))  # SwiGLU: silu(h W_gate) * (h W_up), then W_down
     x = x + proj(gate * proj(h, "w_up"), "w_down").astype(jnp.float32)
     return x, kv
@@ -393,18 +393,18 @@ def _compute_dtype(params, compute_dtype):
     return jnp.dtype(compute_dtype) if compute_dtype is not None else params["layers"]["wq"].dtype
 
 
-def hidden_states(params, tokens, c: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
+def hidden_states(params, tokens, mc: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
                   layer_hook: Callable | None = None, remat: bool = False, lora=None, lora_scale: float = 1.0):
     """Final-normed hidden states [B, T, D] float32."""
     B, T = tokens.shape
-    if c.sliding_window is not None and T > c.sliding_window:
-        raise ValueError(f"sequence length {T} exceeds sliding_window={c.sliding_window}, which is not implemented")
+    if mc.sliding_window is not None and T > mc.sliding_window:
+        raise ValueError(f"sequence length {T} exceeds sliding_window={mc.sliding_window}, which is not implemented")
     dtype = _compute_dtype(params, compute_dtype)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if segment_ids is None:
         segment_ids = jnp.ones((B, T), jnp.int32)
-    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    cos, sin = rope_tables(positions, mc.head_dim, mc.rope_theta)
     mask = attention_mask(segment_ids)
     hook = layer_hook or (lambda w: w)
 
@@ -413,32 +413,32 @@ def hidden_states(params, tokens, c: LlamaConfig, *, positions=None, segment_ids
         # all-gathers FSDP shards here, so only one layer is ever whole on a device. The layer's adapters
         # (if any) come along as they are: they are small, and every device holds them whole.
         w, adapters = layer
-        x, _ = decoder_layer(x, hook(w), cos, sin, mask, c, dtype, lora=adapters, lora_scale=lora_scale)
+        x, _ = decoder_layer(x, hook(w), cos, sin, mask, mc, dtype, lora=adapters, lora_scale=lora_scale)
         return x, None
 
     if remat:  # keep only the layer inputs; the backward pass recomputes the layer (and re-runs the hook)
         body = jax.checkpoint(body)
     x = params["embed"][tokens].astype(jnp.float32)  # [B, T, D]
     x, _ = jax.lax.scan(body, x, (params["layers"], lora["layers"] if lora else None))
-    return rms_norm(x, params["final_norm"], c.rms_norm_eps)
+    return rms_norm(x, params["final_norm"], mc.rms_norm_eps)
 
 
-def unembed(params, h, c: LlamaConfig, compute_dtype=None):
+def unembed(params, h, mc: LlamaConfig, compute_dtype=None):
     """Logits [B, T, V] float32 from hidden states: h @ lm_head, or h @ embed.T when tied."""
     dtype = _compute_dtype(params, compute_dtype)
-    w = params["embed"].T if c.tie_word_embeddings else params["lm_head"]  # [D, V]
+    w = params["embed"].T if mc.tie_word_embeddings else params["lm_head"]  # [D, V]
     return jnp.matmul(h.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
 
-def forward(params, tokens, c: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
+def forward(params, tokens, mc: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
             layer_hook: Callable | None = None, remat: bool = False, lora=None, lora_scale: float = 1.0):
     """Logits [B, T, V] float32 for int32 tokens [B, T]. positions restart at 0 for each example packed into
     a row; segment_ids (1, 2, ... per example, 0 for padding) keep packed examples from attending to each
     other. compute_dtype None computes in the parameters' dtype (float32 for parity checks). lora: an
     adapter tree (init_lora's layout) applied with scale lora_scale (LoraConfig.scale = alpha / r)."""
-    h = hidden_states(params, tokens, c, positions=positions, segment_ids=segment_ids, compute_dtype=compute_dtype,
+    h = hidden_states(params, tokens, mc, positions=positions, segment_ids=segment_ids, compute_dtype=compute_dtype,
                       layer_hook=layer_hook, remat=remat, lora=lora, lora_scale=lora_scale)
-    return unembed(params, h, c, compute_dtype)
+    return unembed(params, h, mc, compute_dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -456,11 +456,11 @@ def cross_entropy(logits, targets, loss_mask):
     return jnp.sum((logz - target_logit) * mask), jnp.sum(mask)
 
 
-def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=None, remat=False, lora=None,
+def loss_fn(params, batch, mc: LlamaConfig, *, compute_dtype=None, layer_hook=None, remat=False, lora=None,
             lora_scale: float = 1.0):
     """batch: tokens, targets, loss_mask, segment_ids, positions, each [B, T]. targets[b, t] is the token
     that position t predicts; loss_mask says which of those predictions count."""
-    logits = forward(params, batch["tokens"], c, positions=batch["positions"], segment_ids=batch["segment_ids"],
+    logits = forward(params, batch["tokens"], mc, positions=batch["positions"], segment_ids=batch["segment_ids"],
                      compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat, lora=lora,
                      lora_scale=lora_scale)
     return cross_entropy(logits, batch["targets"], batch["loss_mask"])
@@ -475,18 +475,18 @@ def loss_fn(params, batch, c: LlamaConfig, *, compute_dtype=None, layer_hook=Non
 # (forward, and the backward pass to the activations); the adapters' own rank-r matmuls are left out.
 
 
-def matmul_weights(c: LlamaConfig) -> int:
-    D, HE, KE = c.hidden_size, c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
-    return c.num_hidden_layers * (2 * D * HE + 2 * D * KE + 3 * D * c.intermediate_size) + D * c.vocab_size
+def matmul_weights(mc: LlamaConfig) -> int:
+    D, HE, KE = mc.hidden_size, mc.num_attention_heads * mc.head_dim, mc.num_key_value_heads * mc.head_dim
+    return mc.num_hidden_layers * (2 * D * HE + 2 * D * KE + 3 * D * mc.intermediate_size) + D * mc.vocab_size
 
 
-def train_flops(c: LlamaConfig, example_lengths, frozen_weights: bool = False) -> float:
+def train_flops(mc: LlamaConfig, example_lengths, frozen_weights: bool = False) -> float:
     """FLOPs of one forward + backward pass over examples of these lengths (tokens each), as above."""
     lengths = np.asarray(example_lengths, np.float64)
     pairs = float(np.sum(lengths * (lengths + 1) / 2))
-    HE = c.num_attention_heads * c.head_dim
+    HE = mc.num_attention_heads * mc.head_dim
     per_token = 4 if frozen_weights else 6
-    return per_token * matmul_weights(c) * float(lengths.sum()) + 6 * c.num_hidden_layers * HE * 2 * pairs
+    return per_token * matmul_weights(mc) * float(lengths.sum()) + 6 * mc.num_hidden_layers * HE * 2 * pairs
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -494,25 +494,25 @@ def train_flops(c: LlamaConfig, example_lengths, frozen_weights: bool = False) -
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _forward_cached(params, tokens, start, cache, c: LlamaConfig, dtype):
+def _forward_cached(params, tokens, start, cache, mc: LlamaConfig, dtype):
     """Run tokens [B, t] at positions start..start+t-1, reading and extending the KV cache
     {"k", "v": [L, B, S, K, E]}. Returns logits of the last position [B, V] and the new cache."""
     B, t = tokens.shape
     S = cache["k"].shape[2]
     positions = start + jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (B, t))
-    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta)
+    cos, sin = rope_tables(positions, mc.head_dim, mc.rope_theta)
     key_pos = jnp.arange(S)
     mask = jnp.broadcast_to(key_pos[None, None, :] <= positions[:, :, None], (B, t, S))  # causal over the cache
 
     def body(x, layer):
         w, kv = layer
-        x, kv = decoder_layer(x, w, cos, sin, mask, c, dtype, kv=kv, index=start)
+        x, kv = decoder_layer(x, w, cos, sin, mask, mc, dtype, kv=kv, index=start)
         return x, kv
 
     x = params["embed"][tokens].astype(jnp.float32)
     x, cache = jax.lax.scan(body, x, (params["layers"], cache))
-    h = rms_norm(x[:, -1:], params["final_norm"], c.rms_norm_eps)
-    return unembed(params, h, c, dtype)[:, 0], cache
+    h = rms_norm(x[:, -1:], params["final_norm"], mc.rms_norm_eps)
+    return unembed(params, h, mc, dtype)[:, 0], cache
 
 
 def sample_token(logits, key, temperature, top_p):
@@ -530,7 +530,7 @@ def sample_token(logits, key, temperature, top_p):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def generate(params, prompt, c: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
+def generate(params, prompt, mc: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, key=None, eos_token_id: int | None = None, compute_dtype=None):
     """Continue prompts (int32 [B, T0], same length) by up to max_new_tokens tokens.
     Returns int32 [B, max_new_tokens]; after a sequence's EOS the rest is filled with EOS.
@@ -538,26 +538,26 @@ def generate(params, prompt, c: LlamaConfig, *, max_new_tokens: int = 128, tempe
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim == 1:
         prompt = prompt[None]
-    eos = c.eos_token_id if eos_token_id is None else eos_token_id
+    eos = mc.eos_token_id if eos_token_id is None else eos_token_id
     key = jax.random.PRNGKey(0) if key is None else key
     if max_new_tokens < 1 or temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"generate: need max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1; got "
                          f"{max_new_tokens}, {temperature}, {top_p}")
-    limit = min(c.max_position_embeddings, c.sliding_window or c.max_position_embeddings)
+    limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
     if prompt.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"{'sliding_window' if limit < c.max_position_embeddings else 'max_position_embeddings'}={limit}")
-    return _generate_cached(params, prompt, key, c, max_new_tokens, float(temperature), float(top_p), eos,
+                         f"{'sliding_window' if limit < mc.max_position_embeddings else 'max_position_embeddings'}={limit}")
+    return _generate_cached(params, prompt, key, mc, max_new_tokens, float(temperature), float(top_p), eos,
               _compute_dtype(params, compute_dtype))
 
 
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8))
-def _generate_cached(params, prompt, key, c, max_new, temperature, top_p, eos, dtype):
+def _generate_cached(params, prompt, key, mc, max_new, temperature, top_p, eos, dtype):
     B, T0 = prompt.shape
     S = T0 + max_new
-    shape = (c.num_hidden_layers, B, S, c.num_key_value_heads, c.head_dim)
+    shape = (mc.num_hidden_layers, B, S, mc.num_key_value_heads, mc.head_dim)
     cache = {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-    logits, cache = _forward_cached(params, prompt, 0, cache, c, dtype)  # prefill
+    logits, cache = _forward_cached(params, prompt, 0, cache, mc, dtype)  # prefill
 
     def step(carry, i):
         logits, cache, done, key = carry
@@ -565,7 +565,7 @@ def _generate_cached(params, prompt, key, c, max_new, temperature, top_p, eos, d
         tok = sample_token(logits, sub, temperature, top_p)
         tok = jnp.where(done, eos if eos is not None else 0, tok)
         done = done | (tok == eos) if eos is not None else done
-        logits, cache = _forward_cached(params, tok[:, None], T0 + i, cache, c, dtype)
+        logits, cache = _forward_cached(params, tok[:, None], T0 + i, cache, mc, dtype)
         return (logits, cache, done, key), tok
 
     done = jnp.zeros((B,), bool)
@@ -614,9 +614,9 @@ def _tensor_index(path: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
-def _expected_tensors(c: LlamaConfig) -> dict[str, tuple]:
+def _expected_tensors(mc: LlamaConfig) -> dict[str, tuple]:
     """HF name -> (our path, layer index or None, transposed?, HF shape)."""
-    shapes = param_shapes(c)
+    shapes = param_shapes(mc)
     out = {}
     for ours, (hf, t) in TOP_NAMES.items():
         if ours in shapes:
@@ -624,7 +624,7 @@ def _expected_tensors(c: LlamaConfig) -> dict[str, tuple]:
             out[hf] = ((ours,), None, t, s[::-1] if t else s)
     for ours, (hf, t) in LAYER_NAMES.items():
         s = shapes["layers"][ours][1:]
-        for i in range(c.num_hidden_layers):
+        for i in range(mc.num_hidden_layers):
             out[f"model.layers.{i}.{hf}"] = (("layers", ours), i, t, s[::-1] if t else s)
     return out
 
@@ -637,11 +637,11 @@ def check_checkpoint(path: str):
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
     with open(cfg_file) as f:
-        c = LlamaConfig.from_hf(json.load(f), source=cfg_file)
+        mc = LlamaConfig.from_hf(json.load(f), source=cfg_file)
     where = _tensor_index(path)
-    expected = _expected_tensors(c)
+    expected = _expected_tensors(mc)
     ignorable = {n for n in where if n.endswith(IGNORED_TENSORS)}
-    if c.tie_word_embeddings:
+    if mc.tie_word_embeddings:
         ignorable.add("lm_head.weight")  # some tied checkpoints store the copy anyway
     missing = sorted(set(expected) - set(where))
     unexpected = sorted(set(where) - set(expected) - ignorable)
@@ -658,7 +658,7 @@ def check_checkpoint(path: str):
                 if where[name] == file and tuple(f.get_slice(name).get_shape()) != tuple(shape):
                     raise CheckpointError(f"{file}: tensor {name} has shape {tuple(f.get_slice(name).get_shape())}, "
                                           f"config.json implies {tuple(shape)}")
-    return c, where, expected
+    return mc, where, expected
 
 
 def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
@@ -668,11 +668,11 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
     jax.sharding.Sharding) every device receives only its own slice, read with get_slice, so host memory
     never holds a second copy of the model."""
     path = resolve_model_path(path_or_repo_id)
-    c, where, expected = check_checkpoint(path)
+    mc, where, expected = check_checkpoint(path)
 
     from safetensors import safe_open
     np_dtype = np.dtype(jnp.dtype(dtype))
-    shapes = param_shapes(c)
+    shapes = param_shapes(mc)
     with contextlib.ExitStack() as stack:
         handles = {f: stack.enter_context(safe_open(f, framework="numpy")) for f in sorted(set(where.values()))}
         by_param: dict[tuple, dict] = {}
@@ -686,7 +686,7 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
             read = _reader(parts, len(shape), np_dtype)
             arr = jnp.asarray(read(())) if sharding is None else jax.make_array_from_callback(shape, sharding, read)
             _at(params, ours[:-1], create=True)[ours[-1]] = arr
-    return c, params
+    return mc, params
 
 
 def _at(tree, path, create=False):
@@ -741,7 +741,7 @@ def _take_layer(x, i):
     return jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
 
 
-def hf_tensors(c: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
+def hf_tensors(mc: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
     """Yield (HF name, numpy array in HF orientation), one parameter on the host at a time (one stacked
     parameter with one process, one layer of it with several). With adapters, every adapted matrix is merged
     on the host, W + s A B, one layer at a time: no device ever holds a second copy of the model."""
@@ -757,7 +757,7 @@ def hf_tensors(c: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
             yield f"model.layers.{i}.{hf}", (w.T if t else w)
 
 
-def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
+def save_hf(path: str, mc: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
             copy_files: list[str] = (), extra_files: dict[str, Any] | None = None, lora=None,
             lora_scale: float = 1.0) -> str:
     """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
@@ -770,8 +770,8 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     # Plan the shards from the shapes first, so file names can say "of n" before any tensor is gathered.
-    expected = _expected_tensors(c)
-    order = [name for name, _ in _name_order(c)]
+    expected = _expected_tensors(mc)
+    order = [name for name, _ in _name_order(mc)]
     sizes = {name: int(np.prod(expected[name][3])) * np_dtype.itemsize for name in order}
     shards, current, current_bytes = [], [], 0
     for name in order:
@@ -786,10 +786,10 @@ def save_hf(path: str, c: LlamaConfig, params, *, dtype=jnp.float32, max_shard_b
     file_of = {name: files[k] for k, names in enumerate(shards) for name in names}
 
     def write(partial, writer):
-        return _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files,
+        return _write_export(partial, mc, params, np_dtype, writer, files, shards, file_of, sizes, copy_files,
                              extra_files, lora, lora_scale)
 
-    return _write_marked(path, write, "config.json", c.to_hf(dtype=str(np_dtype)),
+    return _write_marked(path, write, "config.json", mc.to_hf(dtype=str(np_dtype)),
                          stale=lambda f: f.startswith("model") and ".safetensors" in f)
 
 
@@ -841,7 +841,7 @@ def _remove_partial(path):
             os.remove(os.path.join(path, f))
 
 
-def _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files,
+def _write_export(partial, mc, params, np_dtype, writer, files, shards, file_of, sizes, copy_files, extra_files,
                   lora, lora_scale):
     """The files of save_hf but config.json, each to partial(name); returns their names. Tensors are gathered
     one stacked parameter at a time and a shard is written as soon as its last tensor arrives, so host memory
@@ -849,7 +849,7 @@ def _write_export(partial, c, params, np_dtype, writer, files, shards, file_of, 
     from safetensors.numpy import save_file
     pending: dict[str, dict] = {f: {} for f in files}
     remaining = {f: len(names) for f, names in zip(files, shards)}
-    for name, arr in hf_tensors(c, params, lora, lora_scale):
+    for name, arr in hf_tensors(mc, params, lora, lora_scale):
         if not writer:
             continue
         f = file_of[name]
@@ -879,13 +879,13 @@ def _write_extras(partial, copy_files, extra_files):
     return written
 
 
-def _name_order(c: LlamaConfig):
+def _name_order(mc: LlamaConfig):
     """HF tensor names in the order hf_tensors yields them."""
     for ours, (hf, _) in TOP_NAMES.items():
-        if ours != "lm_head" or not c.tie_word_embeddings:
+        if ours != "lm_head" or not mc.tie_word_embeddings:
             yield hf, ours
     for ours, (hf, _) in LAYER_NAMES.items():
-        for i in range(c.num_hidden_layers):
+        for i in range(mc.num_hidden_layers):
             yield f"model.layers.{i}.{hf}", ours
 
 
@@ -917,7 +917,7 @@ def peft_config(lc: LoraConfig, base_model: str) -> dict:
             "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None}
 
 
-def save_peft(path: str, c: LlamaConfig, lc: LoraConfig, lora, *, base_model: str, copy_files: list[str] = (),
+def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: str, copy_files: list[str] = (),
               extra_files: dict[str, Any] | None = None) -> str:
     """Write a PEFT adapter directory (adapter_config.json, adapter_model.safetensors in float32, and the
     extra files, e.g. the tokenizer) that peft.PeftModel.from_pretrained(base, path) loads. adapter_config.json,
@@ -927,7 +927,7 @@ def save_peft(path: str, c: LlamaConfig, lc: LoraConfig, lora, *, base_model: st
     tensors = {}
     for ours, adapter in lora["layers"].items():
         a, b = _to_host(adapter["a"]), _to_host(adapter["b"])
-        for i in range(c.num_hidden_layers):
+        for i in range(mc.num_hidden_layers):
             module = f"{PEFT_PREFIX}.{i}.{_peft_module(ours)}"
             tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
             tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
@@ -971,20 +971,20 @@ def read_peft_config(path: str) -> tuple[LoraConfig, str]:
     return lc, d["base_model_name_or_path"]
 
 
-def load_peft(path: str, c: LlamaConfig, lc: LoraConfig) -> dict:
-    """The adapters of a PEFT directory, in init_lora's layout (float32), for a base model of config c."""
+def load_peft(path: str, mc: LlamaConfig, lc: LoraConfig) -> dict:
+    """The adapters of a PEFT directory, in init_lora's layout (float32), for a base model of config mc."""
     from safetensors.numpy import load_file
     file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.exists(file):
         raise CheckpointError(f"{path}: no adapter_model.safetensors")
     tensors = load_file(file)
-    shapes = lora_shapes(c, lc)["layers"]
+    shapes = lora_shapes(mc, lc)["layers"]
     out = {}
     for ours, s in shapes.items():
         stacks = {}
         for key, torch_name in (("a", "lora_A"), ("b", "lora_B")):
             layers = []
-            for i in range(c.num_hidden_layers):
+            for i in range(mc.num_hidden_layers):
                 name = f"{PEFT_PREFIX}.{i}.{_peft_module(ours)}.{torch_name}.weight"
                 if name not in tensors or tensors[name].shape != s[key][:0:-1]:
                     found = tensors[name].shape if name in tensors else "missing"
@@ -1013,9 +1013,9 @@ def compare(model: str, prompt: str) -> dict:
     if not os.path.exists(os.path.join(path, "tokenizer.model")):
         raise CheckpointError(f"{path}: no tokenizer.model to encode the prompt with")
     sp = spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
-    c, params = load_hf(path)
-    ids = [c.bos_token_id] + sp.encode(prompt)
-    ours = np.asarray(forward(params, jnp.asarray([ids], jnp.int32), c))[0]
+    mc, params = load_hf(path)
+    ids = [mc.bos_token_id] + sp.encode(prompt)
+    ours = np.asarray(forward(params, jnp.asarray([ids], jnp.int32), mc))[0]
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     with torch.no_grad():
         theirs = hf(torch.tensor([ids])).logits[0].numpy()

@@ -156,10 +156,10 @@ def shard_params(params, mesh: Mesh):
     return jax.tree.map(place, params, param_specs(params, mesh))
 
 
-def init_sharded_params(config: llama.LlamaConfig, key, mesh: Mesh, **kwargs):
+def init_sharded_params(mc: llama.LlamaConfig, key, mesh: Mesh, **kwargs):
     """llama.init_params compiled straight into the sharding: no device ever holds the whole model."""
-    shapes = jax.eval_shape(lambda k: llama.init_params(config, k, **kwargs), key)
-    return jax.jit(lambda k: llama.init_params(config, k, **kwargs), out_shardings=param_specs(shapes, mesh))(key)
+    shapes = jax.eval_shape(lambda k: llama.init_params(mc, k, **kwargs), key)
+    return jax.jit(lambda k: llama.init_params(mc, k, **kwargs), out_shardings=param_specs(shapes, mesh))(key)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -303,12 +303,12 @@ def adamw_update(params, grads, opt_state, cfg: AdamWConfig, grad_norm):
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _param_shapes(config: llama.LlamaConfig):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), llama.param_shapes(config),
+def _param_shapes(mc: llama.LlamaConfig):
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), llama.param_shapes(mc),
                         is_leaf=lambda s: isinstance(s, tuple))
 
 
-def _local_loss(config, compute_dtype, reduce_dtype, remat, lora: llama.LoraConfig | None = None):
+def _local_loss(mc, compute_dtype, reduce_dtype, remat, lora: llama.LoraConfig | None = None):
     """(loss sum, loss tokens) of this device's rows, from this device's parameter shards (and, with LoRA,
     the adapters, which every device holds whole)."""
     def layer_hook(layer):  # inside llama.py's scan: one layer's shards -> the whole layer, in compute_dtype
@@ -319,7 +319,7 @@ def _local_loss(config, compute_dtype, reduce_dtype, remat, lora: llama.LoraConf
         # shards, gathered one at a time by the hook (and again in the backward pass when remat is on).
         top = gather_params({k: v for k, v in params.items() if k != "layers"}, compute_dtype, reduce_dtype)
         whole = {**top, "layers": params["layers"]}
-        return llama.loss_fn(whole, batch, config, compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat,
+        return llama.loss_fn(whole, batch, mc, compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat,
                              lora=adapters, lora_scale=lora.scale if lora else 1.0)
 
     return loss
@@ -348,18 +348,18 @@ def _check_rows(batch, multiple, what):
 # bit for bit. Sharding the adapters instead would save under 0.3 GB per device for a second set of collectives.
 
 
-def lora_specs(config: llama.LlamaConfig, lc: llama.LoraConfig):
+def lora_specs(mc: llama.LlamaConfig, lc: llama.LoraConfig):
     """PartitionSpecs of the adapter tree: replicated (P()), see above."""
-    return jax.tree.map(lambda _: P(), llama.lora_shapes(config, lc), is_leaf=lambda s: isinstance(s, tuple))
+    return jax.tree.map(lambda _: P(), llama.lora_shapes(mc, lc), is_leaf=lambda s: isinstance(s, tuple))
 
 
-def init_lora_params(config: llama.LlamaConfig, lc: llama.LoraConfig, key, mesh: Mesh):
+def init_lora_params(mc: llama.LlamaConfig, lc: llama.LoraConfig, key, mesh: Mesh):
     """llama.init_lora, replicated on every device of the mesh."""
-    return jax.jit(lambda k: llama.init_lora(config, lc, k),
-                   out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), lora_specs(config, lc)))(key)
+    return jax.jit(lambda k: llama.init_lora(mc, lc, k),
+                   out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), lora_specs(mc, lc)))(key)
 
 
-def make_train_step(config: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, compute_dtype=jnp.bfloat16,
+def make_train_step(mc: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, compute_dtype=jnp.bfloat16,
                     reduce_dtype=jnp.float32, num_micro_batches: int = 1, remat: bool = True,
                     lora: llama.LoraConfig | None = None):
     """step(params, opt_state, batch) -> (params, opt_state, metrics), jitted, params and opt_state donated.
@@ -374,13 +374,13 @@ def make_train_step(config: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig,
     base: the frozen weights, sharded as param_specs, in any dtype, neither donated nor changed."""
     n = mesh.shape[FSDP]
     M = num_micro_batches
-    specs = partition_specs(_param_shapes(config), mesh)  # also checks divisibility, now rather than later
+    specs = partition_specs(_param_shapes(mc), mesh)  # also checks divisibility, now rather than later
     batch_specs = {k: P(FSDP) for k in BATCH_KEYS}
-    loss = _local_loss(config, compute_dtype, reduce_dtype, remat, lora)
+    loss = _local_loss(mc, compute_dtype, reduce_dtype, remat, lora)
     if lora is None:  # every weight is trained, as its FSDP shards
         trained_specs, frozen_specs, loss_of = specs, (), loss
     else:  # only the adapters: the base is an extra argument that is never differentiated
-        trained_specs, frozen_specs = lora_specs(config, lora), (specs,)
+        trained_specs, frozen_specs = lora_specs(mc, lora), (specs,)
 
         def loss_of(adapters, batch, base):
             return loss(jax.lax.stop_gradient(base), batch, adapters)
