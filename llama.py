@@ -261,7 +261,8 @@ def init_lora(mc: LlamaConfig, lc: LoraConfig, key) -> dict:
     out = {}
     for k, (name, s) in zip(keys, shapes.items()):
         bound = 1.0 / math.sqrt(s["a"][1])
-        out[name] = {"a": jax.random.uniform(k, s["a"], jnp.float32, -bound, bound), "b": jnp.zeros(s["b"], jnp.float32)}
+        out[name] = {"a": jax.random.uniform(k, s["a"], jnp.float32, -bound, bound),
+                     "b": jnp.zeros(s["b"], jnp.float32)}
     return {"layers": out}
 
 
@@ -546,7 +547,8 @@ def generate(params, prompt, mc: LlamaConfig, *, max_new_tokens: int = 128, temp
     limit = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
     if prompt.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-                         f"{'sliding_window' if limit < mc.max_position_embeddings else 'max_position_embeddings'}={limit}")
+                         f"{'max_position_embeddings' if limit == mc.max_position_embeddings else 'sliding_window'}"
+                         f"={limit}")
     return _generate_cached(params, prompt, key, mc, max_new_tokens, float(temperature), float(top_p), eos,
               _compute_dtype(params, compute_dtype))
 

@@ -178,7 +178,8 @@ def part_7b(args, examples, mc):
     need = full.get("step_memory_bytes")
     summary = {"fit_on_one_device": name, "layers": L, "full_fits": bool(full.get("fits")),
                "full_micro_batches": full.get("micro_batches"), "full_step_memory_bytes": need,
-               "memory_limit_bytes": limit, "full_misses_by_bytes": need - limit if limit and need and need > limit else None,
+               "memory_limit_bytes": limit,
+               "full_misses_by_bytes": need - limit if limit and need and need > limit else None,
                "largest_fit": {k: best.get(k) for k in ("layers", "micro_batches", "step_memory_bytes", "s_per_step")}
                if best.get("fits") else None}
     if full.get("fits"):
@@ -306,12 +307,14 @@ def report(recs, t_start):
 
 
 def peaks_of(measured_tflops, datasheet_tflops):
-    return {"measured": measured_tflops and measured_tflops * 1e12, "datasheet": datasheet_tflops and datasheet_tflops * 1e12}
+    return {"measured": measured_tflops and measured_tflops * 1e12,
+            "datasheet": datasheet_tflops and datasheet_tflops * 1e12}
 
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n")[:2]), formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[5:]))
     p.add_argument("--small", action="store_true", help="tiny stand-in configs and 2 timed steps (runs on a CPU)")
     p.add_argument("--steps", type=int, default=0, help="timed steps per measurement (0: 3, or 2 with --small)")

@@ -4,10 +4,9 @@
     .venv/bin/python benchmarks/bench.py --configs 100m --batch_size 8 --steps 3 --remat off
 
 What it does, in one run on the current jax backend (CPU, GPU or TPU):
-  1. Example lengths: the real Stanford Alpaca records (52,002) under the LLaMA tokenizer, from
-     --data (Stanford's alpaca_data.json), by default the 2,000-record sample shipped in tests/assets,
-     under the LLaMA tokenizer shipped there. Token ids are the real ones modulo the model's vocabulary: speed does not depend
-     on them, the lengths and loss boundaries do.
+  1. Example lengths: the records of --data (Stanford's alpaca_data.json, 52,002 records; by default the
+     2,000-record sample shipped in tests/assets) under the LLaMA tokenizer shipped there. Token ids are the
+     real ones modulo the model's vocabulary: speed does not depend on them, the lengths and loss boundaries do.
   2. A matmul peak measured now, on this backend, in the compute dtype (the denominator of "MFU vs measured").
   3. For each model config: sharding.make_train_step (the real FSDP step, over all devices, AdamW included)
      on packed rows (alpaca.py's planner) and on the same examples with --no_pack (one example per row,
@@ -85,8 +84,9 @@ def emit(rec):
     return rec
 
 
-def n_params(c):
-    return int(sum(math.prod(s) for s in jax.tree.leaves(llama.param_shapes(c), is_leaf=lambda s: isinstance(s, tuple))))
+def n_params(mc):
+    shapes = jax.tree.leaves(llama.param_shapes(mc), is_leaf=lambda s: isinstance(s, tuple))
+    return int(sum(math.prod(s) for s in shapes))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,7 +115,8 @@ def step_plans(examples, *, batch_size, seq_len, steps, seed=0, data_parallel=1)
     ids = longer["order"][:steps * batch_size]
     n = steps
     rows = [[int(i)] for i in ids]
-    padded = {"order": ids.copy(), "row_start": np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64),
+    padded = {"order": ids.copy(),
+              "row_start": np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64),
               "epoch": np.zeros(n, np.int32), "steps": n, "rows_per_step": batch_size, "seq_len": seq_len,
               "steps_per_epoch": n}
     return packed, padded
@@ -198,7 +199,9 @@ def run_jax(name, mode, mc, examples, plan, args, peaks, mesh, compiled, batches
     params = sharding.init_sharded_params(mc, jax.random.key(0), mesh,
                                           dtype=jnp.dtype(args.compute_dtype) if lora else jnp.float32)
     # The step updates `trained` (all weights, or the adapters); `frozen` is the LoRA step's base argument.
-    trained, frozen = (sharding.init_lora_params(mc, lora, jax.random.key(1), mesh), (params,)) if lora else (params, ())
+    trained, frozen = (params, ())
+    if lora:
+        trained, frozen = sharding.init_lora_params(mc, lora, jax.random.key(1), mesh), (params,)
     opt_state = sharding.init_opt_state(trained)
     times = []
     for k, batch in enumerate(batches):
@@ -351,7 +354,8 @@ def time_hf(name, mc, examples, plan, args, peaks):
     rec = summarize(name, "hf_torch", mc, examples, plan, times[args.warmup:], range(args.warmup, n_steps), peaks, 1)
     slot_rate = float(np.sum(slots[args.warmup:])) / float(np.sum(times[args.warmup:]))
     real = rec["real_tokens_per_s"] * float(np.sum(times[args.warmup:]))  # real tokens of the timed steps
-    rec.update({"token_slots_per_s": round(slot_rate, 1), "real_fraction": round(real / float(np.sum(slots[args.warmup:])), 4),
+    rec.update({"token_slots_per_s": round(slot_rate, 1),
+                "real_fraction": round(real / float(np.sum(slots[args.warmup:])), 4),
                 "first_step_s": round(times[0], 3), "micro_batch": args.hf_micro_batch,
                 "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
                 "torch_threads": torch.get_num_threads(), "torch_device": dev, "bf16_autocast": bf16,
@@ -372,7 +376,8 @@ def packing_table(examples, batch_size=128):
         R = alpaca.choose_rows_per_step(lengths, batch_size=batch_size, seq_len=T)
         plan = alpaca.plan_steps(lengths, seed=0, rows_per_step=R, seq_len=T, epochs=1)
         st = alpaca.plan_stats(plan, lengths)
-        out.append(emit({"packing": True, "seq_len": T, "rows_per_step": R, "examples_per_step": st["examples_per_step"],
+        out.append(emit({"packing": True, "seq_len": T, "rows_per_step": R,
+                         "examples_per_step": st["examples_per_step"],
                          "steps_per_epoch": st["steps_per_epoch"], "packing_efficiency": st["packing_efficiency"],
                          "padded_to_seq_len_efficiency": round(float(lengths.mean()) / T, 4)}))
     rng = np.random.default_rng(0)
@@ -389,23 +394,24 @@ def projection(examples, pack_rows, padded, mfu):
     are computed: every token slot (padding included) and, in a packed row, every causal pair of the row
     (plain attention), not only those within examples. `padded`: the examples' lengths padded as Stanford's
     collator pads them."""
-    c = CONFIGS["llama2-7b"]
+    mc = CONFIGS["llama2-7b"]
     lengths = alpaca.example_lengths(examples).astype(np.float64)
     steps, per_step = 1218, 128
     runs = steps * per_step / len(lengths)  # the run's examples, in multiples of the loaded ones
     hw = {"TPU v3-32": 32 * 61.5e12, "8xA100": 8 * 312e12}
     out = []
     for T, eff in pack_rows:
-        flops = runs * lengths.sum() / eff / T * llama.train_flops(c, [T])  # rows of the run x a full row's
+        flops = runs * lengths.sum() / eff / T * llama.train_flops(mc, [T])  # rows of the run x a full row's
         for hw_name, peak in hw.items():
             out.append({"recipe": f"packed, rows of {T}", "hardware": hw_name, "real_fraction": round(eff, 4),
                         "hours": round(flops / (peak * mfu) / 3600, 2)})
-    flops = runs * llama.train_flops(c, padded)
+    flops = runs * llama.train_flops(mc, padded)
     for hw_name, peak in hw.items():
         out.append({"recipe": "padded to longest of 4 (Stanford)", "hardware": hw_name,
                     "real_fraction": round(lengths.sum() / padded.sum(), 4),
                     "hours": round(flops / (peak * mfu) / 3600, 2)})
-    assumptions = (f"Llama-2-7B ({llama.matmul_weights(c) / 1e9:.2f}e9 matmul parameters), {steps} steps x {per_step} examples "
+    assumptions = (f"Llama-2-7B ({llama.matmul_weights(mc) / 1e9:.2f}e9 matmul parameters), {steps} steps x "
+                   f"{per_step} examples "
                    f"(mean {lengths.mean():.1f} tokens), FLOPs = 6 x params x token slots + causal attention of "
                    f"each row; MFU {mfu:.0%} of the dense bf16 datasheet peak (TPU v3-32: 32 cores x 61.5 "
                    f"TFLOP/s; 8xA100: 8 x 312 TFLOP/s); no input pipeline, checkpoint or compile time. "
@@ -425,7 +431,8 @@ def main(argv=None):
     p.add_argument("--seq_len", type=int, default=512, help="packed row length (and --no_pack padding length)")
     p.add_argument("--batch_size", type=int, default=0, help="examples per step; 0 = per config: "
                                                              + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()))
-    p.add_argument("--steps", type=int, default=3, help="timed steps per measurement (s/step: their median; rates: totals over total time)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="timed steps per measurement (s/step: their median; rates: totals over total time)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
     p.add_argument("--modes", default="", help="which of packed, no_pack, hf, lora to run; '' = packed,no_pack,hf "
                                                 "for tiny, packed,hf for the others. lora: the LoRA step on the "
@@ -441,8 +448,10 @@ def main(argv=None):
                         "float32 copy for its float32 matmuls: give float32 with --compute_dtype float32 to see the "
                         "temporaries without that copy)")
     p.add_argument("--remat", choices=("on", "off"), default="on",
-                   help="jax.checkpoint per layer, as alpaca.py trains (on); off saves the recompute where memory allows")
-    p.add_argument("--compute_dtype", default="", help="'' = float32 on CPU (bf16 is no faster there), bfloat16 elsewhere")
+                   help="jax.checkpoint per layer, as alpaca.py trains (on); off saves the recompute where memory "
+                        "allows")
+    p.add_argument("--compute_dtype", default="",
+                   help="'' = float32 on CPU (bf16 is no faster there), bfloat16 elsewhere")
     p.add_argument("--hf_micro_batch", type=int, default=4, help="Stanford's per_device_train_batch_size")
     p.add_argument("--assume_mfu", type=float, default=0.4, help="MFU assumed by the 7B projection")
     p.add_argument("--cache_dir", default=os.path.join(ROOT, ".cache"))
@@ -459,8 +468,8 @@ def main(argv=None):
                 r = memory_plan(name, mc, args, mode)
                 print(f"{name} {mode}: {r['devices']} device(s), {r['rows']} rows x {r['seq_len']} in "
                       f"{r['micro_batches']} pass(es): arguments {r['argument_bytes'] / 1e9:.2f} GB + temporaries "
-                      f"{r['temp_bytes'] / 1e9:.2f} GB (+ outputs not aliased to arguments) = {r['total_bytes'] / 1e9:.2f} "
-                      f"GB per device (XLA:{jax.default_backend().upper()} buffer assignment)")
+                      f"{r['temp_bytes'] / 1e9:.2f} GB (+ outputs not aliased to arguments) = "
+                      f"{r['total_bytes'] / 1e9:.2f} GB per device (XLA:{jax.default_backend().upper()} buffer assignment)")
         return
 
     t_start = time.time()
@@ -541,7 +550,8 @@ def main(argv=None):
                       f"{ratio['real_tokens_per_s']:.2f}x in real tokens/s")
         lo = by.get((name, "lora"))
         if pk and lo:
-            ratio = emit({"config": name, "ratio": "lora / packed", "s_per_step": round(lo["s_per_step"] / pk["s_per_step"], 3)})
+            ratio = emit({"config": name, "ratio": "lora / packed",
+                          "s_per_step": round(lo["s_per_step"] / pk["s_per_step"], 3)})
             print(f"{name}: a LoRA step (rank {args.lora_rank}, all seven matrices) takes {ratio['s_per_step']:.2f}x "
                   f"the time of a full fine-tune step on the same rows (median s/step)")
     print("\npacking (alpaca.py planner, 128 examples a step): " + "; ".join(

@@ -19,7 +19,6 @@ host memory a background write holds for Llama-2-7B.
 """
 
 import argparse
-import json
 import os
 import shutil
 import sys

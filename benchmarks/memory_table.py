@@ -82,7 +82,8 @@ def main():
                        "seconds": round(time.time() - t0, 1)}
                 print(json.dumps(rec), flush=True)
                 rows.append(rec)
-    print("\n| model | machine | devices x GB | per device at the defaults | fits | flags that make it fit (per device) |")
+    print("\n| model | machine | devices x GB | per device at the defaults | fits "
+          "| flags that make it fit (per device) |")
     print("|---|---|---|---:|---|---|")
     for r in rows:
         fixes = "; ".join(r["fixes"]) or ("" if r["fits"] else "none tried fits")
