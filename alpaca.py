@@ -340,6 +340,48 @@ def prepare_data(c, data_parallel, devices=None):
     return examples, plan, info
 
 
+def why_unwritable(directory, probe_name):
+    """Why `directory` cannot be written to ('' when it can): made if missing, then a file is created in it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, probe_name)
+        open(probe, "w").close()
+        os.remove(probe)
+        return ""
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+# Flags that change what a run computes: a checkpoint written under other values is refused.
+# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
+RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
+               "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
+               "seed", "param_dtype", "compute_dtype", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def check_resumable(resumed, c, meta, where):
+    """Refuse a checkpoint (`resumed`: its meta.json, at `where`) whose run computed something else than this one
+    (`meta`: what this run's checkpoints record), naming the settings that differ."""
+    saved = {k: resumed["config"].get(k, Config.__dataclass_fields__[k].default) for k in RESUME_KEYS}
+    if bool(saved["lora_rank"]) != bool(c.lora_rank):
+        kind = {False: "a full fine-tune (all weights)", True: "LoRA (adapters only)"}
+        raise InputError(f"{where} is a checkpoint of {kind[bool(saved['lora_rank'])]}, and this run is "
+                         f"{kind[bool(c.lora_rank)]} (--lora_rank {c.lora_rank}): one cannot resume the other. Use "
+                         f"--lora_rank {saved['lora_rank']} to resume, or another --out to start afresh.")
+    diffs = [f"--{k} {saved[k]!r} (this run: {getattr(c, k)!r})" for k in RESUME_KEYS if saved[k] != getattr(c, k)]
+    if resumed["model_config"] != meta["model_config"]:
+        diffs.append("the model's config.json")
+    if resumed.get("data_hash") != meta["data_hash"]:
+        diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
+    if resumed.get("base_fingerprint") != meta.get("base_fingerprint"):
+        diffs.append("the base model's weights (--model holds other weights than those the adapters were trained on)")
+    if c.data_parallel and c.data_parallel != resumed.get("data_parallel"):
+        diffs.append(f"--data_parallel {resumed.get('data_parallel')} (this run: {c.data_parallel})")
+    if diffs:
+        raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
+                         ". Use the same settings to resume, or another --out to start afresh.")
+
+
 @dataclass(frozen=True)
 class Run:
     """What preflight derived from the flags, the model's config.json, the data and the devices."""
@@ -398,7 +440,7 @@ def preflight(c):
     check_shared_out(c.out)
     resumed = read_checkpoint_meta(c.out, start) if start else None
     if start:
-        check_resumable(resumed, c, mc, meta["data_hash"], checkpoint_dir(c.out, start), meta.get("base_fingerprint"))
+        check_resumable(resumed, c, meta, checkpoint_dir(c.out, start))
     return Run(c, model_dir, mc, lc, mesh, examples, lengths, plan, info, meta, start, resumed, t_launch)
 
 
@@ -1280,13 +1322,6 @@ def check_shared_out(out):
 # (seed, step), so (params, opt_state, step) is the whole state: a resumed run computes exactly what the
 # uninterrupted one would have, bit for bit on the same layout, up to float32 summation order on another.
 
-# Flags that change what a run computes: a checkpoint written under other values is refused.
-# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
-RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
-               "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
-               "seed", "param_dtype", "compute_dtype", "lora_rank", "lora_alpha", "lora_targets")
-
-
 class CheckpointFailed(Exception):
     """A checkpoint could not be written: the run stops, keeping the last complete checkpoint."""
 
@@ -1475,18 +1510,6 @@ def resume_point(out):
     return agree(step), agree(data_parallel)
 
 
-def why_unwritable(directory, probe_name):
-    """Why `directory` cannot be written to ('' when it can): made if missing, then a file is created in it."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, probe_name)
-        open(probe, "w").close()
-        os.remove(probe)
-        return ""
-    except OSError as e:
-        return e.strerror or type(e).__name__
-
-
 def data_hash(examples):
     """A fingerprint of the tokenized data: a resumed run must see the examples the plan was made from."""
     h = hashlib.sha256()
@@ -1512,28 +1535,6 @@ def weights_fingerprint(model_dir):
                 for r in sorted(set(np.linspace(0, shape[0] - 1, 16).astype(int))):
                     h.update(np.ascontiguousarray(sl[int(r):int(r) + 1]).tobytes())
     return h.hexdigest()[:32]
-
-
-def check_resumable(meta, c, mc, fingerprint, where, base_fingerprint=None):
-    """Refuse a checkpoint whose run computed something else, naming the first settings that differ."""
-    saved = {k: meta["config"].get(k, Config.__dataclass_fields__[k].default) for k in RESUME_KEYS}
-    if bool(saved["lora_rank"]) != bool(c.lora_rank):
-        kind = {False: "a full fine-tune (all weights)", True: "LoRA (adapters only)"}
-        raise InputError(f"{where} is a checkpoint of {kind[bool(saved['lora_rank'])]}, and this run is "
-                         f"{kind[bool(c.lora_rank)]} (--lora_rank {c.lora_rank}): one cannot resume the other. Use "
-                         f"--lora_rank {saved['lora_rank']} to resume, or another --out to start afresh.")
-    diffs = [f"--{k} {saved[k]!r} (this run: {getattr(c, k)!r})" for k in RESUME_KEYS if saved[k] != getattr(c, k)]
-    if meta["model_config"] != dataclasses.asdict(mc):
-        diffs.append("the model's config.json")
-    if meta.get("data_hash") != fingerprint:
-        diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
-    if meta.get("base_fingerprint") != base_fingerprint:
-        diffs.append("the base model's weights (--model holds other weights than those the adapters were trained on)")
-    if c.data_parallel and c.data_parallel != meta.get("data_parallel"):
-        diffs.append(f"--data_parallel {meta.get('data_parallel')} (this run: {c.data_parallel})")
-    if diffs:
-        raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
-                         ". Use the same settings to resume, or another --out to start afresh.")
 
 
 def load_checkpoint(out, step, like):

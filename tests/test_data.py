@@ -230,7 +230,8 @@ def test_rows_per_step(tokenized):
     # Micro-batches split a step, they never change it: 32 rows over 8 devices in 2 passes of 16.
     assert alpaca.micro_batches(32, 16, 8) == 2 and alpaca.micro_batches(32, 0, 8) == 1
     with pytest.raises(alpaca.InputError, match=r"--micro_batch_size 12: .* valid here: \[8, 16, 32\]"):
-        alpaca.step_rows(alpaca.dataclasses.replace(flags, batch_size=32, no_pack=True, micro_batch_size=12), lengths, 8)
+        alpaca.step_rows(alpaca.dataclasses.replace(flags, batch_size=32, no_pack=True, micro_batch_size=12),
+                         lengths, 8)
     with pytest.raises(ValueError, match="data-parallel"):
         alpaca.plan_steps(lengths, seed=0, rows_per_step=6, seq_len=512, epochs=1, data_parallel=4)
 
