@@ -32,6 +32,7 @@ import argparse
 import dataclasses
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -247,6 +248,14 @@ def check_generate(a):
         raise InputError(f"--top_p must be in (0, 1], got {a.top_p}")
 
 
+def answer_room(prompt_ids, mc):
+    """How many tokens the model's context leaves for the answer to a prompt; none is an error."""
+    context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+    if len(prompt_ids) >= context:
+        raise InputError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {context}")
+    return context - len(prompt_ids)
+
+
 def lora_targets(c):
     """The --lora_targets names, checked."""
     import llama
@@ -431,6 +440,8 @@ def preflight(c):
     if agree(bool(problem)):  # only process 0 writes exports; every process stops with its message
         raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory on process 0 "
                          f"({problem or 'see its log'})")
+    if agree(bool(c.wandb_project) and jax.process_index() == 0 and importlib.util.find_spec("wandb") is None):
+        raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
     lengths = example_lengths(examples)
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
             "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples),
@@ -556,13 +567,7 @@ def open_logs(run):
         os.replace(path + ".tmp", path)
     wandb = None
     if c.wandb_project and main_process:
-        try:
-            import wandb
-        except ImportError:
-            pass
-    if agree(bool(c.wandb_project and main_process and wandb is None)):
-        raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
-    if wandb:
+        import wandb  # preflight found it
         wandb.init(project=c.wandb_project, config=dataclasses.asdict(c), resume="allow")
     return {"path": path if main_process else None, "wandb": wandb,
             "peak": peak_tflops(jax.devices()[0], c.peak_tflops), "t_window": time.time(), "tokens": 0, "flops": 0.0,
@@ -1878,13 +1883,9 @@ def respond(model, instruction, input_text="", *, max_new_tokens=256, temperatur
     mc, params, path = load_for_generation(model)
     sp = load_tokenizer(path)
     ids = [sp.bos_id()] + sp.encode(format_prompt({"instruction": instruction, "input": input_text}))
-    context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
-    room = context - len(ids)
-    if room <= 0:
-        raise InputError(f"the prompt is {len(ids)} tokens, the model's context is {context}")
-    out = llama.generate(params, np.array([ids], np.int32), mc, max_new_tokens=min(max_new_tokens, room),
-                         temperature=temperature, top_p=top_p, key=jax.random.PRNGKey(seed),
-                         eos_token_id=sp.eos_id())
+    new = min(max_new_tokens, answer_room(ids, mc))
+    out = llama.generate(params, np.array([ids], np.int32), mc, max_new_tokens=new, temperature=temperature,
+                         top_p=top_p, key=jax.random.PRNGKey(seed), eos_token_id=sp.eos_id())
     out = [int(t) for t in np.asarray(out)[0]]
     if sp.eos_id() in out:
         out = out[:out.index(sp.eos_id())]
