@@ -459,7 +459,7 @@ def preflight(c):
 # 3. Training
 #
 # train() is the whole life of a run, one named phase a line; the functions after it are the phases, in
-# that order. Everything that can be wrong is found by preflight, before a weight is read.
+# that order. What the flags, the data or the devices get wrong, preflight finds before a weight is read.
 
 
 def train(c):
@@ -518,8 +518,9 @@ def restore_or_load(run, say):
     if jax.process_index() == 0:
         remove_uncommitted(c.out)  # what a crash left half-written
     trained = "lora" if lc else "params"
-    params, like, opt_state, _ = abstract_train_inputs(mc, run.mesh, jax.numpy.dtype(c.param_dtype),
-                                                       run.plan["rows_per_step"], run.plan["seq_len"], lc)
+    dtype = jax.numpy.dtype(c.param_dtype)
+    params, like, opt_state, _ = abstract_train_inputs(mc, run.mesh, dtype, run.plan["rows_per_step"],
+                                                       run.plan["seq_len"], lc)
     state = {}
     if start:
         state = load_checkpoint(c.out, start, {trained: like, "opt_state": opt_state})
@@ -528,8 +529,7 @@ def restore_or_load(run, say):
     if lc or not start:  # LoRA's checkpoints never hold the (frozen) base weights
         say(f"loading {c.model} {'(frozen) ' if lc else ''}...")
         shardings = jax.tree.map(lambda p: p.sharding, params)
-        state["base" if lc else "params"] = llama.load_hf(run.model_dir, dtype=jax.numpy.dtype(c.param_dtype),
-                                                          shardings=shardings)[1]
+        state["base" if lc else "params"] = llama.load_hf(run.model_dir, dtype=dtype, shardings=shardings)[1]
     if not start:
         if lc:
             state["lora"] = sharding.init_lora_params(mc, lc, jax.random.key(c.seed), run.mesh)
@@ -619,10 +619,9 @@ def train_loop(run, step_fn, state, logs, say):
             logs["step_times"].append(time.time() - t0)
         if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
             finish_checkpoint(pending, c.out, meta, keep)  # the last good one
-            kept = list_checkpoints(c.out)
             raise TrainingDiverged(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
-                                   f"(lower --lr?). The last good checkpoint is "
-                                   f"{'step ' + str(kept[-1]) if kept else 'none'}; nothing was written for this step.")
+                                   f"(lower --lr?). The last good checkpoint is {latest_checkpoint(c.out)}; nothing "
+                                   "was written for this step.")
         step = k + 1
         log_step(run, logs, k, m, say)
         saved = {trained: state[trained], "opt_state": state["opt_state"]}  # LoRA: never the frozen base
@@ -1431,11 +1430,10 @@ def finish_checkpoint(pending, out, meta, keep, wait=True):
         return pending, preempted
     failed_on = [i for i, f in enumerate(flags) if f[2]]
     if failed_on:
-        kept = list_checkpoints(out)
         why = f": {type(pending.errors[0]).__name__}: {pending.errors[0]}" if pending.errors else ""
         raise CheckpointFailed(f"writing checkpoint {checkpoint_dir(out, pending.step)} failed on process(es) "
                                f"{failed_on}{why}. Nothing was committed for step {pending.step}; the latest complete "
-                               f"checkpoint is {'step ' + str(kept[-1]) if kept else 'none'}.")
+                               f"checkpoint is {latest_checkpoint(out)}.")
     commit_checkpoint(out, pending.step, meta, keep)
     return None, preempted
 
@@ -1486,6 +1484,12 @@ def list_checkpoints(out):
         return []
     return sorted(int(d[5:]) for d in os.listdir(root)
                   if re.fullmatch(r"step_\d{8}", d) and os.path.exists(os.path.join(root, d, "meta.json")))
+
+
+def latest_checkpoint(out):
+    """'step N' of the newest complete checkpoint, or 'none', for messages."""
+    kept = list_checkpoints(out)
+    return f"step {kept[-1]}" if kept else "none"
 
 
 def remove_uncommitted(out, but=-1):
