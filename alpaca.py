@@ -562,9 +562,8 @@ def open_logs(run):
     if main_process and os.path.exists(path):
         with open(path) as fh:
             kept = [line for line in fh if _logged_step(line) <= run.start]
-        with open(path + ".tmp", "w") as fh:
+        with _replaced(path, "w") as fh:
             fh.writelines(kept)
-        os.replace(path + ".tmp", path)
     wandb = None
     if c.wandb_project and main_process:
         import wandb  # preflight found it
@@ -643,10 +642,13 @@ PEAK_TFLOPS = {  # dense bf16 per jax device, from the datasheets
 
 
 def peak_tflops(device, override):
-    if override:
-        return override
+    return override or by_device_kind(PEAK_TFLOPS, device)
+
+
+def by_device_kind(table, device):
+    """The value of the longest key of `table` found in the device's kind ("TPU v5 lite" before "TPU v5")."""
     kind = getattr(device, "device_kind", "")
-    return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    return next((v for k, v in sorted(table.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
 
 
 def log_step(run, logs, k, m, say):
@@ -1615,8 +1617,7 @@ def device_memory_gb(device, override):
     known GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); None on CPU."""
     if override:
         return override
-    kind = getattr(device, "device_kind", "")
-    gb = next((v for k, v in sorted(DEVICE_MEMORY_GB.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    gb = by_device_kind(DEVICE_MEMORY_GB, device)
     if gb and getattr(device, "platform", "") == "gpu":
         gb *= float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
     return gb
@@ -1706,9 +1707,8 @@ def compiled_memory(c, mc, devices, rows, micro):
         raise RuntimeError(f"compiling the train step for the memory plan failed:\n{child.stderr[-3000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
+    with _replaced(path, "w") as fh:
         json.dump(result, fh)
-    os.replace(path + ".tmp", path)
     return result
 
 
