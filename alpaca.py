@@ -1,4 +1,4 @@
-"""Alpaca fine-tuning of Llama in plain JAX: the command line and the data pipeline.
+"""Alpaca fine-tuning of Llama in plain JAX: the command line, the data, the training run and its exports.
 
 Stanford Alpaca fine-tunes LLaMA on 52K instruction records: each record becomes a prompt (a fixed
 template around the instruction and optional input) followed by the output, and the loss is taken only
@@ -6,17 +6,23 @@ on the output and the end-of-sequence token. Stanford and Levanter pad every exa
 its micro-batch or to 512 tokens; Alpaca examples average 127 tokens, so most of the compute goes to
 padding. Here examples are *packed*: several whole examples share one row of `seq_len` tokens, with
 segment ids and positions that restart per example, so attention never crosses examples and the
-result is the same as padding, at a fraction of the token slots.
+result is the same as padding, at a fraction of the token slots. The model is llama.py's; sharding.py
+splits it over the devices (FSDP) and writes the train step.
 
 The file reads top to bottom:
-  1. Config: every flag, with Stanford Alpaca's recipe as defaults, and the parser made from it.
-  2. Records: reading {instruction, input, output} from .json, .jsonl, .parquet, a URL or a Hub dataset.
-  3. Prompts and tokens: the template, SentencePiece, the loss boundary, truncation, a disk cache.
-  4. The plan: which examples go into which row of which step, a pure function of (seed, data).
-  5. Batches: the [R, T] arrays of step k, or only the rows of this process (multi-host).
-  6. From flags to data; 7. several hosts; 8. checkpoints; 9. training.
+  1. Config: every flag, with Stanford Alpaca's recipe as defaults, the presets, and the parser.
+  2. Preflight: every check of the flags, and of the flags against config.json, the data and the devices.
+  3. Training: train(), the life of a run as a list of phases, then each phase: the step, restore or load,
+     the logs, the loop (checkpoints, SIGTERM, divergence), the final export.
+  4. Records: reading {instruction, input, output} from .json, .jsonl, .parquet, a URL or a Hub dataset.
+  5. Prompts and tokens: the template, SentencePiece, the loss boundary, truncation, a disk cache.
+  6. The plan: which examples go into which row of which step, a pure function of (seed, data).
+  7. Batches: the [R, T] arrays of step k, or only the rows of this process (multi-host).
+  8. Several hosts: joining them, and what each process does.
+  9. Checkpoints: written in the background, committed by a marker file, readable on any device layout.
   10. The memory plan: what one device holds at the peak of a step, XLA's figure, before any is rented.
-  11. Hugging Face export and generation; 12. main (`--dry_run`: the data plan and the memory plan).
+  11. Hugging Face export, upload and generation (`alpaca.py generate`).
+  12. main (`--dry_run`: the data plan and the memory plan).
 
 Bad input (flags, data, tokenizer) raises InputError with a message that names the flag, file or
 record; main prints it and exits with status 2.
@@ -26,6 +32,7 @@ import argparse
 import dataclasses
 import glob
 import hashlib
+import importlib.util
 import itertools
 import json
 import math
@@ -157,7 +164,45 @@ def make_parser():
     return p
 
 
-def check_config(c):
+# The demo preset: the README's first command. A real (tiny) pretrained Llama, stories260K, fine-tuned on
+# 2,000 real Alpaca records, both shipped in tests/assets/, in float32 on whatever devices there are. It
+# shows the loss going down, writes the HF export, and answers an instruction. The settings are fixed,
+# not derived from the hardware: the same flags give the same run everywhere.
+PRESETS = {
+    "demo": dict(model="tests/assets/stories260K", data="tests/assets/alpaca/alpaca_sample_2000.json",
+                 seq_len=512, max_len=512, batch_size=32, steps=60, lr=1e-3, warmup_ratio=0.05,
+                 compute_dtype="float32", hf_dtype="float32", out="runs/demo", log_every=5, checkpoint_every=20,
+                 sample_instruction="Give three tips for staying healthy.", sample_tokens=64),
+    # Levanter's Alpaca-LoRA (examples/alpaca-lora/alpaca-lora-llama2.yaml and its LoraConfig defaults): rank 8,
+    # alpha 8, no dropout, every linear matrix of the decoder, lr 3e-4, no weight decay; with this file's
+    # defaults for the rest (Llama-2-7B, 3 epochs of ~128 examples a step, 3% warmup then cosine).
+    "alpaca-lora": dict(lora_rank=8, lora_alpha=8.0, lora_targets="q,k,v,o,gate,up,down", lr=3e-4,
+                        weight_decay=0.0, out="runs/alpaca-lora"),
+}
+
+
+def parse_config(argv):
+    parser = make_parser()
+    preset = parser.parse_known_args(argv)[0].preset
+    if preset:
+        if preset not in PRESETS:
+            raise InputError(f"--preset {preset}: unknown; known presets: {', '.join(PRESETS)}")
+        here = os.path.dirname(os.path.abspath(__file__))
+        # Paths of a preset are relative to this file, so the demo runs from any directory.
+        defaults = {k: (os.path.join(here, v) if k in ("model", "data") else v) for k, v in PRESETS[preset].items()}
+        parser.set_defaults(**defaults)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Preflight
+#
+# Every check of the flags, then of the flags against the model's config.json, the data and the devices, in
+# one place and before anything is written or loaded: a run that starts is a run that can finish. The
+# library functions below (the plan, the batches, the checkpoints) only assert their own contracts.
+
+
+def check_flags(c):
     """The flag combinations that cannot work, named by flag, before any work is done."""
     for name in ("batch_size", "max_len", "seq_len"):
         if getattr(c, name) <= 0:
@@ -183,11 +228,32 @@ def check_config(c):
     for name in ("eps", "weight_decay", "grad_clip", "device_memory_gb"):
         if not getattr(c, name) >= 0:
             raise InputError(f"--{name} must be >= 0, got {getattr(c, name)}")
+    for name in ("param_dtype", "compute_dtype", "hf_dtype"):
+        if getattr(c, name) not in ("float32", "bfloat16", "float16"):
+            raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
     if c.lora_rank < 0:
         raise InputError(f"--lora_rank must be >= 0 (0 = full fine-tune), got {c.lora_rank}")
     if not c.lora_alpha > 0:
         raise InputError(f"--lora_alpha must be positive, got {c.lora_alpha}")
     lora_targets(c)
+
+
+def check_generate(a):
+    """The flags of `alpaca.py generate`."""
+    if a.max_new_tokens < 1:
+        raise InputError(f"--max_new_tokens must be at least 1, got {a.max_new_tokens}")
+    if a.temperature < 0:
+        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
+    if not 0 < a.top_p <= 1:
+        raise InputError(f"--top_p must be in (0, 1], got {a.top_p}")
+
+
+def answer_room(prompt_ids, mc):
+    """How many tokens the model's context leaves for the answer to a prompt; none is an error."""
+    context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
+    if len(prompt_ids) >= context:
+        raise InputError(f"the prompt is {len(prompt_ids)} tokens, the model's context is {context}")
+    return context - len(prompt_ids)
 
 
 def lora_targets(c):
@@ -212,13 +278,434 @@ def lora_config(c, mc):
     for t in lc.targets:
         n_in, n_out = shapes[llama.LORA_TARGETS[t]]["a"][1], shapes[llama.LORA_TARGETS[t]]["b"][2]
         if c.lora_rank > min(n_in, n_out):
-            raise InputError(f"--lora_rank {c.lora_rank} is larger than the smallest dimension of a matrix it adapts: "
-                             f"{t} is [{n_in}, {n_out}] in this model")
+            raise InputError(f"--lora_rank {c.lora_rank} is larger than the smallest dimension of a matrix it "
+                             f"adapts: {t} is [{n_in}, {n_out}] in this model")
     return lc
 
 
+def model_config(c, weights=True):
+    """(model directory, LlamaConfig), checked against the flags. weights=False (--dry_run) reads config.json
+    alone, and downloads nothing else of a Hub model; weights=True also checks the safetensors headers."""
+    import llama
+    try:
+        model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
+        if weights:
+            mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
+        else:
+            with open(os.path.join(model_dir, "config.json")) as fh:
+                mc = llama.LlamaConfig.from_hf(json.load(fh), source=os.path.join(model_dir, "config.json"))
+    except (llama.CheckpointError, OSError, ValueError) as e:
+        raise InputError(f"--model {c.model}: {e}")
+    if c.seq_len > mc.max_position_embeddings:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
+                         f"({mc.max_position_embeddings})")
+    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
+        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
+                         "which is not implemented")
+    lora_config(c, mc)  # the LoRA flags against the model's shapes
+    return model_dir, mc
+
+
+def check_hidden_size(mc, devices):
+    """FSDP splits every weight matrix along hidden_size (sharding.py's partition rules)."""
+    if mc.hidden_size % devices:
+        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {devices} devices")
+
+
+def step_rows(c, lengths, data_parallel, devices=None):
+    """(rows per step, micro-batches per step) of these flags and examples, the rows planned for
+    `data_parallel` devices and split over `devices` (default: the same)."""
+    devices = devices or data_parallel
+    if len(lengths) == 0:
+        raise InputError("no examples left to train on: all were dropped (is --max_len shorter than the prompts?)")
+    if c.no_pack and c.batch_size % data_parallel:
+        raise InputError(f"--batch_size {c.batch_size} with --no_pack (one example per row) must be a multiple "
+                         f"of the data-parallel size ({data_parallel})")
+    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
+                             pack=not c.no_pack)
+    m = c.micro_batch_size
+    if m and (R % m or m % devices):
+        valid = [v for v in range(devices, R + 1, devices) if R % v == 0]
+        raise InputError(f"--micro_batch_size {m}: a micro-batch must divide the {R} rows of a step and be a "
+                         f"multiple of the {devices} devices; valid here: {valid}")
+    return R, micro_batches(R, m, devices)
+
+
+def prepare_data(c, data_parallel, devices=None):
+    """Records -> examples -> plan, as the flags say, with rows planned for `data_parallel` devices and
+    split over `devices` (default: the same). Returns (examples, plan, info for the logs)."""
+    records = load_records(c.data, c.cache_dir)
+    sp = load_tokenizer(c.tokenizer or c.model)
+    t0 = time.perf_counter()
+    examples, stats, hit = tokenize_cached(records, sp, c.max_len, c.cache_dir)
+    seconds = time.perf_counter() - t0
+    lengths = example_lengths(examples)
+    R, micro = step_rows(c, lengths, data_parallel, devices)
+    plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
+                      steps=c.steps, pack=not c.no_pack, data_parallel=data_parallel)
+    info = {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
+            "data_parallel": data_parallel, "micro_batches": micro,
+            "tokenize_seconds": round(seconds, 3), "cache_hit": hit}
+    return examples, plan, info
+
+
+def why_unwritable(directory, probe_name):
+    """Why `directory` cannot be written to ('' when it can): made if missing, then a file is created in it."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, probe_name)
+        open(probe, "w").close()
+        os.remove(probe)
+        return ""
+    except OSError as e:
+        return e.strerror or type(e).__name__
+
+
+# Flags that change what a run computes: a checkpoint written under other values is refused.
+# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
+RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
+               "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
+               "seed", "param_dtype", "compute_dtype", "lora_rank", "lora_alpha", "lora_targets")
+
+
+def check_resumable(resumed, c, meta, where):
+    """Refuse a checkpoint (`resumed`: its meta.json, at `where`) whose run computed something else than this one
+    (`meta`: what this run's checkpoints record), naming the settings that differ."""
+    saved = {k: resumed["config"].get(k, Config.__dataclass_fields__[k].default) for k in RESUME_KEYS}
+    if bool(saved["lora_rank"]) != bool(c.lora_rank):
+        kind = {False: "a full fine-tune (all weights)", True: "LoRA (adapters only)"}
+        raise InputError(f"{where} is a checkpoint of {kind[bool(saved['lora_rank'])]}, and this run is "
+                         f"{kind[bool(c.lora_rank)]} (--lora_rank {c.lora_rank}): one cannot resume the other. Use "
+                         f"--lora_rank {saved['lora_rank']} to resume, or another --out to start afresh.")
+    diffs = [f"--{k} {saved[k]!r} (this run: {getattr(c, k)!r})" for k in RESUME_KEYS if saved[k] != getattr(c, k)]
+    if resumed["model_config"] != meta["model_config"]:
+        diffs.append("the model's config.json")
+    if resumed.get("data_hash") != meta["data_hash"]:
+        diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
+    if resumed.get("base_fingerprint") != meta.get("base_fingerprint"):
+        diffs.append("the base model's weights (--model holds other weights than those the adapters were trained on)")
+    if c.data_parallel and c.data_parallel != resumed.get("data_parallel"):
+        diffs.append(f"--data_parallel {resumed.get('data_parallel')} (this run: {c.data_parallel})")
+    if diffs:
+        raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
+                         ". Use the same settings to resume, or another --out to start afresh.")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What preflight derived from the flags, the model's config.json, the data and the devices."""
+    c: Config
+    model_dir: str
+    mc: object  # llama.LlamaConfig
+    lc: object  # llama.LoraConfig, or None for a full fine-tune
+    mesh: object  # the devices' jax.sharding.Mesh
+    examples: dict  # tokenize_records' examples
+    lengths: np.ndarray  # their lengths
+    plan: dict  # plan_steps' plan
+    info: dict  # data statistics, for the logs
+    meta: dict  # what each checkpoint's meta.json records of this run
+    start: int  # the step of the checkpoint to resume from; 0 = a fresh start
+    resumed: dict  # that checkpoint's meta.json, or None
+    t_launch: float  # time.time() at the start
+
+
+def preflight(c):
+    """Every check of the flags against config.json, the data and the devices, and of the checkpoint to resume
+    from, before anything is loaded or written (probes of --out and --hf_save_path aside). Returns the Run."""
+    import jax
+    import sharding
+    t_launch, devices = time.time(), jax.device_count()
+    model_dir, mc = model_config(c)
+    lc = lora_config(c, mc)
+    if c.data_parallel % devices:
+        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
+                         f"{devices} devices, so it must be 0 or a multiple of {devices}")
+    check_hidden_size(mc, devices)
+    mesh = sharding.make_mesh()
+    start, recorded = resume_point(c.out)  # a resumed run keeps the data plan it started with
+    planned = c.data_parallel or recorded or devices
+    examples, plan, info = prepare_data(c, planned, devices=devices)
+    R = plan["rows_per_step"]
+    if R % devices:
+        raise InputError(f"--out {c.out}: the checkpoint of step {start} comes from a run whose steps have {R} rows "
+                         f"(planned for --data_parallel {planned}): they cannot be split over {devices} devices; "
+                         f"resume on a device count that divides {R}")
+    if examples["tokens"].max() >= mc.vocab_size:
+        raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
+                         f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
+    problem = why_unwritable(c.out, f".write-test-{jax.process_index()}")
+    if problem:
+        raise InputError(f"--out {c.out}: not a writable directory ({problem})")
+    problem = why_unwritable(c.hf_save_path, ".write-test") if c.hf_save_path and jax.process_index() == 0 else ""
+    if agree(bool(problem)):  # only process 0 writes exports; every process stops with its message
+        raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory on process 0 "
+                         f"({problem or 'see its log'})")
+    if agree(bool(c.wandb_project) and jax.process_index() == 0 and importlib.util.find_spec("wandb") is None):
+        raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
+    lengths = example_lengths(examples)
+    meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
+            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples),
+            "data_parallel": planned}
+    if lc:
+        meta["base_fingerprint"] = weights_fingerprint(model_dir)
+    check_shared_out(c.out)
+    resumed = read_checkpoint_meta(c.out, start) if start else None
+    if start:
+        check_resumable(resumed, c, meta, checkpoint_dir(c.out, start))
+    return Run(c, model_dir, mc, lc, mesh, examples, lengths, plan, info, meta, start, resumed, t_launch)
+
+
 # ----------------------------------------------------------------------------------------------------
-# 2. Records
+# 3. Training
+#
+# train() is the whole life of a run, one named phase a line; the functions after it are the phases, in
+# that order. What the flags, the data or the devices get wrong, preflight finds before a weight is read.
+
+
+def train(c):
+    import jax
+    say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
+    run = preflight(c)  # every check of flags x config.json x data x devices; nothing written yet
+    report_plan(run, say)  # the data line and its warnings
+    step = make_step(c, run.mc, run.mesh, run.plan["steps"], run.info["micro_batches"])
+    state = restore_or_load(run, say)  # the latest committed checkpoint, or the HF weights (+ new LoRA adapters)
+    logs = open_logs(run)  # metrics.jsonl cut back to the checkpoint, wandb
+    preempted, state = train_loop(run, step, state, logs, say)  # steps, logs, checkpoints, SIGTERM, divergence
+    if preempted:
+        return 143  # a supervisor restarts the run, which resumes from the checkpoint just written
+    return finish(run, state, say)  # the HF (+ PEFT) export, upload, sample
+
+
+def report_plan(run, say):
+    c, info, plan = run.c, run.info, run.plan
+    R, T, devices = plan["rows_per_step"], plan["seq_len"], run.mesh.size
+    say(f"data: {info['examples']} examples ({info['dropped']} dropped), {plan['steps']} steps of {R} rows x {T} "
+        f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
+        f"real, {info['micro_batches']} micro-batch(es), {devices} device(s)")
+    if not c.no_pack and abs(info["examples_per_step"] - c.batch_size) > 0.25 * c.batch_size:
+        # The rows of a step are a multiple of the device count: with many devices, long rows overshoot.
+        say(f"warning: a step holds ~{info['examples_per_step']:.0f} examples, not --batch_size {c.batch_size}: "
+            f"{R} rows (a multiple of {devices} devices) of --seq_len {T}; a shorter --seq_len gets closer")
+    if c.param_dtype != "float32" and not run.lc:
+        say(f"warning: --param_dtype {c.param_dtype} keeps the master weights in {c.param_dtype}: an update smaller "
+            f"than ~1/256 of a weight is rounded away (at lr {c.lr:g} most of them are). Stanford's recipe and the "
+            "default keep float32; use this only when memory forces it")
+
+
+def adamw_config(c, steps):
+    """The optimizer of these flags over a run of `steps` steps (warmup: HF's ceil of the ratio)."""
+    import sharding
+    return sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
+                                grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
+                                total_steps=steps)
+
+
+def make_step(c, mc, mesh, steps, micro):
+    """The train step of these flags: what train() runs and what the memory plan compiles."""
+    import jax.numpy as jnp
+    import sharding
+    return sharding.make_train_step(mc, mesh, adamw_config(c, steps), compute_dtype=jnp.dtype(c.compute_dtype),
+                                    num_micro_batches=micro, remat=not c.no_remat, lora=lora_config(c, mc))
+
+
+def restore_or_load(run, say):
+    """The training state, a dict: "params" (or with LoRA "lora", the adapters, and "base", the frozen weights)
+    and "opt_state". Restored from the latest committed checkpoint, or fresh from the Hugging Face weights."""
+    import jax
+    import llama
+    import sharding
+    c, mc, lc, start, steps = run.c, run.mc, run.lc, run.start, run.plan["steps"]
+    if jax.process_index() == 0:
+        remove_uncommitted(c.out)  # what a crash left half-written
+    trained = "lora" if lc else "params"
+    dtype = jax.numpy.dtype(c.param_dtype)
+    params, like, opt_state, _ = abstract_train_inputs(mc, run.mesh, dtype, run.plan["rows_per_step"],
+                                                       run.plan["seq_len"], lc)
+    state = {}
+    if start:
+        state = load_checkpoint(c.out, start, {trained: like, "opt_state": opt_state})
+        say(f"resuming from {checkpoint_dir(c.out, start)} (step {start} of {steps}, written by "
+            f"{run.resumed['processes']} process(es) x {run.resumed['devices']} devices)")
+    if lc or not start:  # LoRA's checkpoints never hold the (frozen) base weights
+        say(f"loading {c.model} {'(frozen) ' if lc else ''}...")
+        shardings = jax.tree.map(lambda p: p.sharding, params)
+        state["base" if lc else "params"] = llama.load_hf(run.model_dir, dtype=dtype, shardings=shardings)[1]
+    if not start:
+        if lc:
+            state["lora"] = sharding.init_lora_params(mc, lc, jax.random.key(c.seed), run.mesh)
+        state["opt_state"] = sharding.init_opt_state(state[trained])
+    if lc:
+        say(lora_summary(lc, mc, c.param_dtype))
+    if start >= steps:
+        say(f"all {steps} steps are done")
+    return state
+
+
+def lora_summary(lc, mc, param_dtype):
+    import jax
+    import llama
+
+    def count(shapes):
+        return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
+
+    n, total = count(llama.lora_shapes(mc, lc)), count(llama.param_shapes(mc))
+    return (f"LoRA: rank {lc.rank}, alpha {lc.alpha:g} (scale {lc.scale:g}) on {','.join(lc.targets)}: {n:,} "
+            f"trainable parameters ({n / total:.2%} of {total:,}); the base weights are frozen in {param_dtype}")
+
+
+def open_logs(run):
+    """The loop's log book: metrics.jsonl without what a killed run logged past its checkpoint, wandb if asked
+    (both process 0's), and the counters of the steps since the last progress line."""
+    import jax
+    c, main_process = run.c, jax.process_index() == 0
+    path = os.path.join(c.out, "metrics.jsonl")
+    if main_process and os.path.exists(path):
+        with open(path) as fh:
+            kept = [line for line in fh if _logged_step(line) <= run.start]
+        with _replaced(path, "w") as fh:
+            fh.writelines(kept)
+    wandb = None
+    if c.wandb_project and main_process:
+        import wandb  # preflight found it
+        wandb.init(project=c.wandb_project, config=dataclasses.asdict(c), resume="allow")
+    return {"path": path if main_process else None, "wandb": wandb,
+            "peak": peak_tflops(jax.devices()[0], c.peak_tflops), "t_window": time.time(), "tokens": 0, "flops": 0.0,
+            "last_logged": run.start, "step_times": []}
+
+
+def _logged_step(line):
+    """The step of a metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return sys.maxsize
+
+
+class _Preempted:  # a flag the SIGTERM handler sets; the loop checkpoints and exits at the next step
+    requested = False
+
+
+class TrainingDiverged(Exception):
+    """A non-finite loss or gradient norm: the run stops, keeping the last good checkpoint."""
+
+
+def train_loop(run, step_fn, state, logs, say):
+    """Steps run.start .. the last: each runs on the batch the host built during the one before, then logs and
+    checkpoints. Returns (whether a SIGTERM stopped it, the state)."""
+    import jax
+    import sharding
+    c, plan, meta, keep = run.c, run.plan, run.meta, run.c.keep_checkpoints
+    R, T, steps = plan["rows_per_step"], plan["seq_len"], plan["steps"]
+    signal.signal(signal.SIGTERM, lambda *_: setattr(_Preempted, "requested", True))
+    batch_sharding = sharding.batch_sharding(run.mesh)
+    rows = process_rows(batch_sharding, R, T)
+
+    def batch_of(k):
+        return global_batch(process_batch(run.examples, plan, k, rows), batch_sharding, R, T)
+
+    trained = "lora" if run.lc else "params"
+    base = (state["base"],) if run.lc else ()  # LoRA: the frozen weights are an argument of the step, never changed
+    batch = batch_of(run.start) if run.start < steps else None
+    pending = None  # the checkpoint being written in the background, if any
+    for k in range(run.start, steps):
+        t0 = time.time()
+        state[trained], state["opt_state"], m = step_fn(state[trained], state["opt_state"], batch, *base)
+        batch = batch_of(k + 1) if k + 1 < steps else None  # the host builds the next batch meanwhile
+        m = {key: float(v) for key, v in jax.device_get(m).items()}
+        if k == run.start:
+            say(f"first step done {time.time() - run.t_launch:.1f}s after start (includes compilation)")
+        else:
+            logs["step_times"].append(time.time() - t0)
+        if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+            finish_checkpoint(pending, c.out, meta, keep)  # the last good one
+            raise TrainingDiverged(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
+                                   f"(lower --lr?). The last good checkpoint is {latest_checkpoint(c.out)}; nothing "
+                                   "was written for this step.")
+        step = k + 1
+        log_step(run, logs, k, m, say)
+        saved = {trained: state[trained], "opt_state": state["opt_state"]}  # LoRA: never the frozen base
+        pending, preempted = checkpoint_after_step(pending, c, step, steps, saved, meta, say)
+        if preempted:
+            say(f"SIGTERM: checkpoint written at step {step}; exiting so that a supervisor restarts the run")
+            return True, state
+        if c.hf_save_steps and step % c.hf_save_steps == 0 and step < steps:
+            pending = finish_checkpoint(pending, c.out, meta, keep)[0]  # host memory: one at a time
+            export_hf(run, state, os.path.join(hf_root(c), f"step_{step:08d}"), say)
+    return False, state
+
+
+# MFU: model FLOPs (llama.train_flops) over the datasheet peak.
+PEAK_TFLOPS = {  # dense bf16 per jax device, from the datasheets
+    "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
+    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0,
+}
+
+
+def peak_tflops(device, override):
+    return override or by_device_kind(PEAK_TFLOPS, device)
+
+
+def by_device_kind(table, device):
+    """The value of the longest key of `table` found in the device's kind ("TPU v5 lite" before "TPU v5")."""
+    kind = getattr(device, "device_kind", "")
+    return next((v for k, v in sorted(table.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+
+
+def log_step(run, logs, k, m, say):
+    """Count the tokens and FLOPs of step k (0-based); every --log_every steps and at the end, a progress line,
+    a metrics.jsonl record and a wandb point for the steps since the last one."""
+    import jax
+    import llama
+    plan, step, steps, R = run.plan, k + 1, run.plan["steps"], run.plan["rows_per_step"]
+    lens = run.lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
+    logs["tokens"] += int(lens.sum())
+    logs["flops"] += llama.train_flops(run.mc, lens, frozen_weights=bool(run.lc))
+    if step % run.c.log_every and step != steps:
+        return
+    now = time.time()
+    dt = max(now - logs["t_window"], 1e-9)
+    times = logs["step_times"]
+    per_step = float(np.median(times[-50:])) if times else dt / max(1, step - logs["last_logged"])
+    tflops = logs["flops"] / dt / jax.device_count() / 1e12
+    rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
+           "loss_tokens": int(m["n_tokens"]), "tokens_per_s": logs["tokens"] / dt,
+           "tflops_per_device": tflops, "mfu": tflops / logs["peak"] if logs["peak"] else None,
+           "eta_s": per_step * (steps - step), "elapsed_s": now - run.t_launch}
+    mfu = f"  mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+    eta = time.strftime("%H:%M:%S", time.gmtime(rec["eta_s"])) if rec["eta_s"] < 86400 * 30 else "?"
+    say(f"step {step}/{steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.3g}  grad_norm {rec['grad_norm']:.3f}  "
+        f"tokens/s {rec['tokens_per_s']:,.0f}  {tflops:.3g} TFLOP/s/device{mfu}  eta {eta}")
+    if logs["path"]:
+        with open(logs["path"], "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        if logs["wandb"]:
+            logs["wandb"].log(rec, step=step)
+    logs.update(t_window=now, tokens=0, flops=0.0, last_logged=step)
+
+
+def finish(run, state, say):
+    """After the last step: the final Hugging Face export (and PEFT adapter), then process 0 alone uploads it
+    and answers --sample_instruction with it. Returns the exit status."""
+    import jax
+    c, main_process = run.c, jax.process_index() == 0
+    final = os.path.join(hf_root(c), "final")
+    export_hf(run, state, final, say)
+    if jax.process_count() > 1:
+        # What is left (upload, sample) is process 0's alone, on its own devices. Leave the distributed
+        # system together now: at exit, the others would wait for process 0 at jax.distributed's shutdown
+        # barrier, which gives up after 300 s (an upload of 13 GB takes longer) and aborts every process.
+        jax.distributed.shutdown()
+    status = 0
+    if c.hf_upload and main_process:
+        status = upload_hf(final, c.hf_upload, say)
+    if c.sample_instruction and main_process:
+        say(f"\n### Instruction:\n{c.sample_instruction}\n\n### Response (the fine-tuned model, greedy):")
+        say(respond(final, c.sample_instruction, "", max_new_tokens=c.sample_tokens))
+    return status
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Records
 
 
 def load_records(source, cache_dir=".cache"):
@@ -356,7 +843,7 @@ def _check_record(r, path, where):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 3. Prompts and tokens
+# 5. Prompts and tokens
 
 # Stanford Alpaca's PROMPT_DICT (train.py), character for character.
 PROMPT_DICT = {
@@ -465,7 +952,9 @@ def tokenize_records(records, sp, max_len):
         truncated += len(ids) > max_len
         ids, start = ids[:max_len], 1 + len(p)
         if start < len(ids):  # else the output is cut entirely: nothing to learn from this record
-            seqs.append(ids), loss_start.append(start), kept.append(i)
+            seqs.append(ids)
+            loss_start.append(start)
+            kept.append(i)
     lengths = np.array([len(s) for s in seqs], np.int64)
     examples = {
         "tokens": np.fromiter(itertools.chain.from_iterable(seqs), np.int32, int(lengths.sum())),
@@ -520,7 +1009,7 @@ def tokenize_cached(records, sp, max_len, cache_dir):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 4. The plan
+# 6. The plan
 #
 # Packing scheme: a token budget per step, fixed row count, greedy first-fit with look-ahead.
 # Every step has R rows of T = seq_len tokens (R fixed for the run, a multiple of the data-parallel size
@@ -547,12 +1036,9 @@ def choose_rows_per_step(lengths, *, batch_size, seq_len, data_parallel=1, pack=
     """R, the fixed number of rows of a step: about batch_size examples per step, rounded to a multiple
     of the data-parallel size (every device gets the same number of rows). Gradient accumulation does not
     change R: --micro_batch_size only splits it (micro_batches below)."""
-    if len(lengths) == 0:
-        raise InputError("no examples left to train on: all were dropped (is --max_len shorter than the prompts?)")
+    if len(lengths) == 0 or (not pack and batch_size % data_parallel):
+        raise ValueError(f"no examples, or {batch_size} rows that {data_parallel} devices do not divide")
     if not pack:
-        if batch_size % data_parallel:
-            raise InputError(f"--batch_size {batch_size} with --no_pack (one example per row) must be a multiple "
-                             f"of the data-parallel size ({data_parallel})")
         return batch_size
     rows = batch_size * float(np.mean(lengths)) / (seq_len * 0.99)
     return data_parallel * max(1, round(rows / data_parallel))
@@ -564,9 +1050,7 @@ def micro_batches(rows, micro_batch_size, devices):
     if not micro_batch_size:
         return 1
     if rows % micro_batch_size or micro_batch_size % devices:
-        valid = [m for m in range(devices, rows + 1, devices) if rows % m == 0]
-        raise InputError(f"--micro_batch_size {micro_batch_size}: a micro-batch must divide the {rows} rows of a "
-                         f"step and be a multiple of the {devices} devices; valid here: {valid}")
+        raise ValueError(f"micro-batches of {micro_batch_size} rows do not split {rows} rows over {devices} devices")
     return rows // micro_batch_size
 
 
@@ -578,12 +1062,9 @@ def plan_steps(lengths, *, seed, rows_per_step, seq_len, epochs=0, steps=0, pack
     plus the ints steps, rows_per_step, seq_len, steps_per_epoch."""
     lengths = np.asarray(lengths)
     R, T = rows_per_step, seq_len
-    if R % data_parallel:
-        raise InputError(f"rows per step ({R}) must be a multiple of the data-parallel size ({data_parallel})")
-    if len(lengths) == 0:
-        raise InputError("no examples left to train on (all were dropped)")
-    if lengths.max() > T:
-        raise InputError(f"an example of {lengths.max()} tokens does not fit a row of --seq_len {T}")
+    if R % data_parallel or len(lengths) == 0 or lengths.max() > T:
+        raise ValueError(f"rows per step ({R}) must be a multiple of the data-parallel size ({data_parallel}), and "
+                         f"there must be examples, none longer than a row of {T} tokens")
     rows, epoch_of_step, epoch = [], [], 0
     while (steps and len(epoch_of_step) < steps) or (not steps and epoch < epochs):
         perm = np.random.default_rng([seed, epoch]).permutation(len(lengths))
@@ -631,7 +1112,7 @@ def plan_stats(plan, lengths):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 5. Batches
+# 7. Batches
 #
 # A batch is five int32/float32 arrays of shape [R, T] (rows, time):
 #   tokens       the input tokens; 0 on padding
@@ -693,36 +1174,7 @@ def global_batch(local, sharding, rows_per_step, seq_len):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 6. From flags to data
-
-
-def step_rows(c, lengths, data_parallel, devices=None):
-    """(rows per step, micro-batches per step) of these flags, rows planned for `data_parallel` devices."""
-    R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=data_parallel,
-                             pack=not c.no_pack)
-    return R, micro_batches(R, c.micro_batch_size, devices or data_parallel)
-
-
-def prepare_data(c, data_parallel, devices=None):
-    """Records -> examples -> plan, as the flags say, with rows planned for `data_parallel` devices and
-    split over `devices` (default: the same). Returns (examples, plan, info for the logs)."""
-    records = load_records(c.data, c.cache_dir)
-    sp = load_tokenizer(c.tokenizer or c.model)
-    t0 = time.perf_counter()
-    examples, stats, hit = tokenize_cached(records, sp, c.max_len, c.cache_dir)
-    seconds = time.perf_counter() - t0
-    lengths = example_lengths(examples)
-    R, micro = step_rows(c, lengths, data_parallel, devices)
-    plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
-                      steps=c.steps, pack=not c.no_pack, data_parallel=data_parallel)
-    info = {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
-            "data_parallel": data_parallel, "micro_batches": micro,
-            "tokenize_seconds": round(seconds, 3), "cache_hit": hit}
-    return examples, plan, info
-
-
-# ----------------------------------------------------------------------------------------------------
-# 7. Several hosts
+# 8. Several hosts
 #
 # The same command runs as one process per host (each TPU VM worker of a pod slice, each GPU host);
 # jax.distributed joins them, jax.devices() then lists the devices of every host, and the mesh spans them
@@ -823,7 +1275,11 @@ def check_shared_out(out):
     if jax.process_index() == 0:
         open(probe, "w").close()
     barrier("shared-out-written")
-    seen = any(os.path.exists(probe) or time.sleep(0.5) for _ in range(10))  # network filesystems may lag
+    for _ in range(10):  # network filesystems may lag
+        seen = os.path.exists(probe)
+        if seen:
+            break
+        time.sleep(0.5)
     blind = [i for i, (ok,) in enumerate(all_processes(seen)) if not ok]
     if jax.process_index() == 0:
         os.remove(probe)
@@ -833,7 +1289,7 @@ def check_shared_out(out):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 8. Checkpoints
+# 9. Checkpoints
 #
 # OUT/checkpoints/step_00000100/ holds, for each process i, process_0000i.bin (the raw bytes of the slices
 # of every saved array that its own devices hold: parameters and AdamW state) and process_0000i.json (its
@@ -871,13 +1327,6 @@ def check_shared_out(out):
 # Nothing random happens during training (no dropout) and the data order is a pure function of
 # (seed, step), so (params, opt_state, step) is the whole state: a resumed run computes exactly what the
 # uninterrupted one would have, bit for bit on the same layout, up to float32 summation order on another.
-
-# Flags that change what a run computes: a checkpoint written under other values is refused.
-# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
-RESUME_KEYS = ("model", "data", "tokenizer", "max_len", "seq_len", "no_pack", "batch_size", "micro_batch_size",
-               "steps", "epochs", "lr", "weight_decay", "warmup_ratio", "grad_clip", "beta1", "beta2", "eps",
-               "seed", "param_dtype", "compute_dtype", "lora_rank", "lora_alpha", "lora_targets")
-
 
 class CheckpointFailed(Exception):
     """A checkpoint could not be written: the run stops, keeping the last complete checkpoint."""
@@ -983,11 +1432,10 @@ def finish_checkpoint(pending, out, meta, keep, wait=True):
         return pending, preempted
     failed_on = [i for i, f in enumerate(flags) if f[2]]
     if failed_on:
-        kept = list_checkpoints(out)
         why = f": {type(pending.errors[0]).__name__}: {pending.errors[0]}" if pending.errors else ""
         raise CheckpointFailed(f"writing checkpoint {checkpoint_dir(out, pending.step)} failed on process(es) "
                                f"{failed_on}{why}. Nothing was committed for step {pending.step}; the latest complete "
-                               f"checkpoint is {'step ' + str(kept[-1]) if kept else 'none'}.")
+                               f"checkpoint is {latest_checkpoint(out)}.")
     commit_checkpoint(out, pending.step, meta, keep)
     return None, preempted
 
@@ -1040,13 +1488,19 @@ def list_checkpoints(out):
                   if re.fullmatch(r"step_\d{8}", d) and os.path.exists(os.path.join(root, d, "meta.json")))
 
 
+def latest_checkpoint(out):
+    """'step N' of the newest complete checkpoint, or 'none', for messages."""
+    kept = list_checkpoints(out)
+    return f"step {kept[-1]}" if kept else "none"
+
+
 def remove_uncommitted(out, but=-1):
     """Delete the checkpoint directories without meta.json, but that of step `but` (being written): pruned
     checkpoints and what interrupted writes left. Process 0 only, while no other write is in flight."""
     root = os.path.join(out, "checkpoints")
     for d in os.listdir(root) if os.path.isdir(root) else []:
         path = os.path.join(root, d)
-        if re.fullmatch(r"step_\d{8}", d) and os.path.isdir(path) and d != f"step_{but:08d}" \
+        if re.fullmatch(r"step_\d{8}", d) and os.path.isdir(path) and path != checkpoint_dir(out, but) \
                 and not os.path.exists(os.path.join(path, "meta.json")):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -1065,18 +1519,6 @@ def resume_point(out):
     if done:
         step, data_parallel = done[-1], read_checkpoint_meta(out, done[-1]).get("data_parallel", 0)
     return agree(step), agree(data_parallel)
-
-
-def unwritable(directory, probe_name):
-    """Why `directory` cannot be written to ('' when it can): made if missing, then a file is created in it."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        probe = os.path.join(directory, probe_name)
-        open(probe, "w").close()
-        os.remove(probe)
-        return ""
-    except OSError as e:
-        return e.strerror or type(e).__name__
 
 
 def data_hash(examples):
@@ -1104,28 +1546,6 @@ def weights_fingerprint(model_dir):
                 for r in sorted(set(np.linspace(0, shape[0] - 1, 16).astype(int))):
                     h.update(np.ascontiguousarray(sl[int(r):int(r) + 1]).tobytes())
     return h.hexdigest()[:32]
-
-
-def check_resumable(meta, c, model_config, fingerprint, where, base_fingerprint=None):
-    """Refuse a checkpoint whose run computed something else, naming the first settings that differ."""
-    saved = {k: meta["config"].get(k, Config.__dataclass_fields__[k].default) for k in RESUME_KEYS}
-    if bool(saved["lora_rank"]) != bool(c.lora_rank):
-        kind = {False: "a full fine-tune (all weights)", True: "LoRA (adapters only)"}
-        raise InputError(f"{where} is a checkpoint of {kind[bool(saved['lora_rank'])]}, and this run is "
-                         f"{kind[bool(c.lora_rank)]} (--lora_rank {c.lora_rank}): one cannot resume the other. Use "
-                         f"--lora_rank {saved['lora_rank']} to resume, or another --out to start afresh.")
-    diffs = [f"--{k} {saved[k]!r} (this run: {getattr(c, k)!r})" for k in RESUME_KEYS if saved[k] != getattr(c, k)]
-    if meta["model_config"] != dataclasses.asdict(model_config):
-        diffs.append("the model's config.json")
-    if meta.get("data_hash") != fingerprint:
-        diffs.append("the data (its tokenized examples differ, although --data may name the same file)")
-    if meta.get("base_fingerprint") != base_fingerprint:
-        diffs.append("the base model's weights (--model holds other weights than those the adapters were trained on)")
-    if c.data_parallel and c.data_parallel != meta.get("data_parallel"):
-        diffs.append(f"--data_parallel {meta.get('data_parallel')} (this run: {c.data_parallel})")
-    if diffs:
-        raise InputError(f"{where} was written by a different run: " + "; ".join(diffs) +
-                         ". Use the same settings to resume, or another --out to start afresh.")
 
 
 def load_checkpoint(out, step, like):
@@ -1173,288 +1593,6 @@ def load_checkpoint(out, step, like):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 9. Training
-#
-# MFU: model FLOPs (llama.train_flops) over the datasheet peak.
-
-PEAK_TFLOPS = {  # dense bf16 per jax device, from the datasheets
-    "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5p": 459.0, "TPU v5": 459.0,
-    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "A100": 312.0, "H100": 989.0, "H200": 989.0, "B200": 2250.0,
-}
-
-
-def peak_tflops(device, override):
-    if override:
-        return override
-    kind = getattr(device, "device_kind", "")
-    return next((v for k, v in sorted(PEAK_TFLOPS.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
-
-
-def _log_line(m, total):
-    mfu = f"  mfu {m['mfu']:.1%}" if m.get("mfu") is not None else ""
-    eta = time.strftime("%H:%M:%S", time.gmtime(m["eta_s"])) if m["eta_s"] < 86400 * 30 else "?"
-    return (f"step {m['step']}/{total}  loss {m['loss']:.4f}  lr {m['lr']:.3g}  grad_norm {m['grad_norm']:.3f}  "
-            f"tokens/s {m['tokens_per_s']:,.0f}  {m['tflops_per_device']:.3g} TFLOP/s/device{mfu}  eta {eta}")
-
-
-def _logged_step(line):
-    """The step of a metrics.jsonl line; a line cut short by a kill counts as past every checkpoint."""
-    try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
-        return sys.maxsize
-
-
-def model_config(c, weights=True):
-    """(model directory, LlamaConfig), checked against the flags. weights=False (--dry_run) reads config.json
-    alone, and downloads nothing else of a Hub model; weights=True also checks the safetensors headers."""
-    import llama
-    try:
-        model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
-        if weights:
-            mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
-        else:
-            with open(os.path.join(model_dir, "config.json")) as fh:
-                mc = llama.LlamaConfig.from_hf(json.load(fh), source=os.path.join(model_dir, "config.json"))
-    except (llama.CheckpointError, OSError, ValueError) as e:
-        raise InputError(f"--model {c.model}: {e}")
-    if c.seq_len > mc.max_position_embeddings:
-        raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
-                         f"({mc.max_position_embeddings})")
-    if mc.sliding_window is not None and c.seq_len > mc.sliding_window:
-        raise InputError(f"--seq_len {c.seq_len} is above the model's sliding_window ({mc.sliding_window}), "
-                         "which is not implemented")
-    for name in ("param_dtype", "compute_dtype", "hf_dtype"):
-        if getattr(c, name) not in ("float32", "bfloat16", "float16"):
-            raise InputError(f"--{name} must be float32, bfloat16 or float16, got {getattr(c, name)!r}")
-    lora_config(c, mc)  # the LoRA flags against the model's shapes
-    return model_dir, mc
-
-
-def adamw_config(c, steps):
-    """The optimizer of these flags over a run of `steps` steps (warmup: HF's ceil of the ratio)."""
-    import sharding
-    return sharding.AdamWConfig(lr=c.lr, b1=c.beta1, b2=c.beta2, eps=c.eps, weight_decay=c.weight_decay,
-                                grad_clip=c.grad_clip, warmup_steps=math.ceil(c.warmup_ratio * steps),
-                                total_steps=steps)
-
-
-def make_step(c, mc, mesh, steps, micro):
-    """The train step of these flags: what train() runs and what the memory plan compiles."""
-    import jax.numpy as jnp
-    import sharding
-    return sharding.make_train_step(mc, mesh, adamw_config(c, steps), compute_dtype=jnp.dtype(c.compute_dtype),
-                                    num_micro_batches=micro, remat=not c.no_remat, lora=lora_config(c, mc))
-
-
-class _Preempted:  # a flag the SIGTERM handler sets; the loop checkpoints and exits at the next step
-    requested = False
-
-
-def train(c):
-    import jax
-    import jax.numpy as jnp
-    import llama
-    import sharding
-
-    main_process = jax.process_index() == 0
-    say = (lambda *a: print(*a, flush=True)) if main_process else (lambda *a: None)
-    t_launch = time.time()
-
-    # Everything that can be wrong with the flags is found before anything is written or loaded.
-    model_dir, mc = model_config(c)
-    lc = lora_config(c, mc)
-
-    if c.data_parallel % jax.device_count():
-        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
-                         f"{jax.device_count()} devices, so it must be 0 or a multiple of {jax.device_count()}")
-    mesh = sharding.make_mesh()
-    dp = mesh.shape["fsdp"]
-    if mc.hidden_size % dp:
-        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
-    start, recorded = resume_point(c.out)  # a resumed run keeps the data plan it started with
-    planned = c.data_parallel or recorded or dp
-    examples, plan, info = prepare_data(c, planned, devices=dp)
-    R, T, steps, micro = plan["rows_per_step"], plan["seq_len"], plan["steps"], info["micro_batches"]
-    if R % dp:
-        raise InputError(f"--out {c.out}: the checkpoint of step {start} comes from a run whose steps have {R} rows "
-                         f"(planned for --data_parallel {planned}): they cannot be split over {dp} devices; resume "
-                         f"on a device count that divides {R}")
-    if examples["tokens"].max() >= mc.vocab_size:
-        raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {int(examples['tokens'].max())} is outside "
-                         f"the model's vocabulary of {mc.vocab_size}: the tokenizer does not belong to --model")
-    # The data and the model agree: from here on, the run writes into --out.
-    problem = unwritable(c.out, f".write-test-{jax.process_index()}")
-    if problem:
-        raise InputError(f"--out {c.out}: not a writable directory ({problem})")
-    problem = unwritable(c.hf_save_path, ".write-test") if c.hf_save_path and main_process else ""
-    if agree(bool(problem)):  # only process 0 writes exports; every process stops with its message
-        raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory on process 0 ({problem or 'see its log'})")
-    say(f"data: {info['examples']} examples ({info['dropped']} dropped), {steps} steps of {R} rows x {T} "
-        f"tokens, ~{info['examples_per_step']} examples/step, {info['packing_efficiency']:.1%} of token slots "
-        f"real, {micro} micro-batch(es), {dp} device(s)")
-    if not c.no_pack and abs(info["examples_per_step"] - c.batch_size) > 0.25 * c.batch_size:
-        # The rows of a step are a multiple of the device count: with many devices, long rows overshoot.
-        say(f"warning: a step holds ~{info['examples_per_step']:.0f} examples, not --batch_size {c.batch_size}: "
-            f"{R} rows (a multiple of {dp} devices) of --seq_len {T}; a shorter --seq_len gets closer")
-
-    param_dtype = jnp.dtype(c.param_dtype)
-    if param_dtype != jnp.float32 and not lc:
-        say(f"warning: --param_dtype {c.param_dtype} keeps the master weights in {c.param_dtype}: an update smaller "
-            f"than ~1/256 of a weight is rounded away (at lr {c.lr:g} most of them are). Stanford's recipe and the "
-            "default keep float32; use this only when memory forces it")
-    step_fn = make_step(c, mc, mesh, steps, micro)
-    shapes = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, param_dtype), llama.param_shapes(mc),
-                          is_leaf=lambda s: isinstance(s, tuple))
-    specs = sharding.param_specs(shapes, mesh)
-    lengths = example_lengths(examples)
-    meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc),
-            "data_examples": int(len(lengths)), "data_tokens": int(lengths.sum()), "data_hash": data_hash(examples),
-            "data_parallel": planned}
-    if lc:
-        meta["base_fingerprint"] = weights_fingerprint(model_dir)
-
-    check_shared_out(c.out)
-    if main_process:
-        remove_uncommitted(c.out)
-    if start:
-        where, saved = checkpoint_dir(c.out, start), read_checkpoint_meta(c.out, start)
-        check_resumable(saved, c, mc, meta["data_hash"], where, meta.get("base_fingerprint"))
-        # What to read into: the shapes and shardings of what the step updates (the parameters, or with LoRA
-        # the adapters alone) and of sharding.init_opt_state's state.
-        _, trained, o, _ = abstract_train_inputs(mc, mesh, param_dtype, R, T, lc)
-        state = load_checkpoint(c.out, start, {"lora" if lc else "params": trained, "opt_state": o})
-        params, adapters, opt_state = state.get("params"), state.get("lora"), state["opt_state"]
-        say(f"resuming from {where} (step {start} of {steps}, written by {saved['processes']} process(es) x "
-            f"{saved['devices']} devices)")
-    else:
-        params = None
-    if params is None:  # a fresh start, or LoRA, whose checkpoints never hold the (frozen) base weights
-        say(f"loading {c.model} {'(frozen) ' if lc else ''}...")
-        _, params = llama.load_hf(model_dir, dtype=param_dtype, shardings=specs)
-    if not start:
-        adapters = sharding.init_lora_params(mc, lc, jax.random.key(c.seed), mesh) if lc else None
-        opt_state = sharding.init_opt_state(params if adapters is None else adapters)
-    if lc:
-        say(lora_summary(lc, mc, c.param_dtype))
-    if start >= steps:
-        say(f"all {steps} steps are done")
-
-    metrics_path = os.path.join(c.out, "metrics.jsonl")
-    if main_process and os.path.exists(metrics_path):  # drop what a killed run logged past its checkpoint
-        with open(metrics_path) as fh:
-            kept = [line for line in fh if _logged_step(line) <= start]
-        with open(metrics_path + ".tmp", "w") as fh:
-            fh.writelines(kept)
-        os.replace(metrics_path + ".tmp", metrics_path)
-    wandb = None
-    missing_wandb = False
-    if c.wandb_project and main_process:
-        try:
-            import wandb as wandb_module
-            wandb = wandb_module
-        except ImportError:
-            missing_wandb = True
-    if agree(missing_wandb):
-        raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
-    if wandb:
-        wandb.init(project=c.wandb_project, config=dataclasses.asdict(c), resume="allow")
-
-    signal.signal(signal.SIGTERM, lambda *_: setattr(_Preempted, "requested", True))
-    batch_sharding = sharding.batch_sharding(mesh)
-    rows = process_rows(batch_sharding, R, T)
-    peak = peak_tflops(jax.devices()[0], c.peak_tflops)
-
-    def batch_of(k):
-        return global_batch(process_batch(examples, plan, k, rows), batch_sharding, R, T)
-
-    def lengths_of(k):
-        return lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
-
-    t_window, tokens_window, flops_window, last_logged, step_times = time.time(), 0, 0.0, start, []
-    batch = batch_of(start) if start < steps else None
-    pending = None  # the checkpoint being written in the background, if any
-    for k in range(start, steps):
-        t0 = time.time()
-        if adapters is None:
-            params, opt_state, m = step_fn(params, opt_state, batch)
-        else:  # the base weights are an argument of the step, never changed
-            adapters, opt_state, m = step_fn(adapters, opt_state, batch, params)
-        batch = batch_of(k + 1) if k + 1 < steps else None  # the host builds the next batch meanwhile
-        m = {key: float(v) for key, v in jax.device_get(m).items()}
-        if k == start:
-            say(f"first step done {time.time() - t_launch:.1f}s after start (includes compilation)")
-        else:
-            step_times.append(time.time() - t0)
-        if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-            finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)  # the last good one
-            kept = list_checkpoints(c.out)
-            raise TrainingDiverged(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
-                                   f"(lower --lr?). The last good checkpoint is "
-                                   f"{'step ' + str(kept[-1]) if kept else 'none'}; nothing was written for this step.")
-        step = k + 1
-        lens = lengths_of(k)
-        tokens_window += int(lens.sum())
-        flops_window += llama.train_flops(mc, lens, frozen_weights=bool(lc))
-        if step % c.log_every == 0 or step == steps:
-            now = time.time()
-            dt = max(now - t_window, 1e-9)
-            per_step = float(np.median(step_times[-50:])) if step_times else dt / max(1, step - last_logged)
-            tflops = flops_window / dt / jax.device_count() / 1e12
-            rec = {"step": step, "loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"],
-                   "loss_tokens": int(m["n_tokens"]), "tokens_per_s": tokens_window / dt,
-                   "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,
-                   "eta_s": per_step * (steps - step), "elapsed_s": now - t_launch}
-            say(_log_line(rec, steps))
-            if main_process:
-                with open(metrics_path, "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
-                if wandb:
-                    wandb.log(rec, step=step)
-            t_window, tokens_window, flops_window, last_logged = now, 0, 0.0, step
-        trained = {"params": params} if adapters is None else {"lora": adapters}  # LoRA: never the frozen base
-        pending, preempted = checkpoint_after_step(pending, c, step, steps, {**trained, "opt_state": opt_state},
-                                                   meta, say)
-        if preempted:
-            say(f"SIGTERM: checkpoint written at step {step}; exiting so that a supervisor restarts the run")
-            return 143
-        if c.hf_save_steps and step % c.hf_save_steps == 0 and step < steps:
-            pending = finish_checkpoint(pending, c.out, meta, c.keep_checkpoints)[0]  # host memory: one at a time
-            export_hf(c, mc, params, model_dir, os.path.join(hf_root(c), f"step_{step:08d}"), say, adapters)
-
-    final = os.path.join(hf_root(c), "final")
-    export_hf(c, mc, params, model_dir, final, say, adapters)
-    if jax.process_count() > 1:
-        # What is left (upload, sample) is process 0's alone, on its own devices. Leave the distributed
-        # system together now: at exit, the others would wait for process 0 at jax.distributed's shutdown
-        # barrier, which gives up after 300 s (an upload of 13 GB takes longer) and aborts every process.
-        jax.distributed.shutdown()
-    status = 0
-    if c.hf_upload and main_process:
-        status = upload_hf(final, c.hf_upload, say)
-    if c.sample_instruction and main_process:
-        say(f"\n### Instruction:\n{c.sample_instruction}\n\n### Response (the fine-tuned model, greedy):")
-        say(respond(final, c.sample_instruction, "", max_new_tokens=c.sample_tokens))
-    return status
-
-
-def lora_summary(lc, mc, param_dtype):
-    import jax
-    import llama
-
-    def count(shapes):
-        return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=lambda s: isinstance(s, tuple)))
-
-    n, total = count(llama.lora_shapes(mc, lc)), count(llama.param_shapes(mc))
-    return (f"LoRA: rank {lc.rank}, alpha {lc.alpha:g} (scale {lc.scale:g}) on {','.join(lc.targets)}: {n:,} trainable "
-            f"parameters ({n / total:.2%} of {total:,}); the base weights are frozen in {param_dtype}")
-
-
-class TrainingDiverged(Exception):
-    """A non-finite loss or gradient norm: the run stops, keeping the last good checkpoint."""
-
-
-# ----------------------------------------------------------------------------------------------------
 # 10. The memory plan (--dry_run)
 #
 # What ONE device holds at the peak of a step, known before any accelerator is paid for. The figure is
@@ -1479,8 +1617,7 @@ def device_memory_gb(device, override):
     known GPU's that JAX takes (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set); None on CPU."""
     if override:
         return override
-    kind = getattr(device, "device_kind", "")
-    gb = next((v for k, v in sorted(DEVICE_MEMORY_GB.items(), key=lambda kv: -len(kv[0])) if k in kind), None)
+    gb = by_device_kind(DEVICE_MEMORY_GB, device)
     if gb and getattr(device, "platform", "") == "gpu":
         gb *= float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
     return gb
@@ -1501,10 +1638,14 @@ def abstract_train_inputs(mc, mesh, param_dtype, rows, seq_len, lc=None):
     trained = params if lc is None else jax.tree.map(
         lambda s, sp: jax.ShapeDtypeStruct(s, np.float32, sharding=NamedSharding(mesh, sp)),
         llama.lora_shapes(mc, lc), sharding.lora_specs(mc, lc), is_leaf=lambda s: isinstance(s, tuple))
-    # sharding.init_opt_state's state: float32 moments sharded as what is trained, a replicated int32 count.
-    moments = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, np.float32, sharding=p.sharding), trained)
-    count = jax.ShapeDtypeStruct((), np.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-    opt_state = {"mu": moments, "nu": moments, "step": count}
+    # sharding.init_opt_state's tree, from jax.eval_shape, with the shardings init_opt_state gives (which
+    # eval_shape does not report): a leaf at path X/NAME is sharded as the trained NAME, one with no such leaf
+    # (the update count) replicated.
+    like = dict(llama.named_leaves(trained))
+    opt_state = jax.tree_util.tree_map_with_path(
+        lambda path, o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=getattr(
+            like.get(llama.path_name(path[1:])), "sharding", NamedSharding(mesh, PartitionSpec()))),
+        jax.eval_shape(lambda: sharding.init_opt_state(trained)))
     dtypes = {k: (np.float32 if k == "loss_mask" else np.int32) for k in sharding.BATCH_KEYS}  # as make_batch
     batch = {k: jax.ShapeDtypeStruct((rows, seq_len), dtypes[k], sharding=sharding.batch_sharding(mesh))
              for k in sharding.BATCH_KEYS}
@@ -1566,9 +1707,8 @@ def compiled_memory(c, mc, devices, rows, micro):
         raise RuntimeError(f"compiling the train step for the memory plan failed:\n{child.stderr[-3000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w") as fh:
+    with _replaced(path, "w") as fh:
         json.dump(result, fh)
-    os.replace(path + ".tmp", path)
     return result
 
 
@@ -1623,7 +1763,8 @@ def _fixes(c, mc, lengths, devices, plan, budget):
                key=lambda x: (-x["flags"]["micro_batch_size"] * x["config"].seq_len, -x["config"].seq_len)),
         [candidate(seq_len=t, batch_size=max(1, c.batch_size * t // c.seq_len), **reset) for t in shorter],
     ] if same_devices else []
-    kinds.append([candidate(n, data_parallel=n, **reset) for n in (2 * devices, 4 * devices) if mc.hidden_size % n == 0])
+    kinds.append([candidate(n, data_parallel=n, **reset) for n in (2 * devices, 4 * devices)
+                  if mc.hidden_size % n == 0])
     fixes = []
     for kind in kinds:
         found = _first_fitting(kind, fits)
@@ -1664,7 +1805,8 @@ def format_memory_plan(p):
         if not p["fits"] and not p.get("fixes"):
             lines.append("  no micro-batch, row length or device count tried fits: more devices, or a smaller model")
     else:
-        fit = {name: "yes" if p["total"] <= DEVICE_MEMORY_GB[kind] * 1e9 else "no" for name, kind in COMMON_DEVICES.items()}
+        fit = {name: "yes" if p["total"] <= DEVICE_MEMORY_GB[kind] * 1e9 else "no"
+               for name, kind in COMMON_DEVICES.items()}
         lines.append("  fits: " + ", ".join(f"{name} ({DEVICE_MEMORY_GB[COMMON_DEVICES[name]]:g} GB) {ok}"
                                           for name, ok in fit.items()) + "; --device_memory_gb checks one")
     lines.append("  a planning estimate: buffer assignment on CPU, where this was compiled, differs a little "
@@ -1686,20 +1828,21 @@ def hf_root(c):
     return c.hf_save_path or os.path.join(c.out, "hf")
 
 
-def export_hf(c, mc, params, model_dir, path, say, adapters=None):
+def export_hf(run, state, path, say):
     """Every process calls this (the per-tensor gathers are collective); process 0 writes. With LoRA
     adapters: `path` gets the merged model (W + alpha/r A B: a plain Llama) and `path`-adapter the PEFT
     adapter directory, whose adapter_config.json names --model as the base (a local one by its absolute path)."""
     import jax.numpy as jnp
     import llama
+    c, mc, lc = run.c, run.mc, run.lc
+    params, adapters = state.get("base", state.get("params")), state.get("lora")
     tok = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
            "add_bos_token": True, "add_eos_token": False, "legacy": True,
            "model_max_length": mc.max_position_embeddings}
     gen = {"bos_token_id": mc.bos_token_id, "eos_token_id": mc.eos_token_id, "do_sample": False}
     extra = {"tokenizer_config.json": tok, "generation_config.json": gen,
              "special_tokens_map.json": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}}
-    tokenizer = [tokenizer_path(c.tokenizer or model_dir)]
-    lc = lora_config(c, mc)
+    tokenizer = [tokenizer_path(c.tokenizer or run.model_dir)]
     llama.save_hf(path, mc, params, dtype=jnp.dtype(c.hf_dtype), extra_files=extra, copy_files=tokenizer,
                   lora=adapters, lora_scale=lc.scale if lc else 1.0)
     say(f"exported Hugging Face checkpoint to {path}{' (LoRA merged)' if lc else ''}")
@@ -1744,13 +1887,9 @@ def respond(model, instruction, input_text="", *, max_new_tokens=256, temperatur
     mc, params, path = load_for_generation(model)
     sp = load_tokenizer(path)
     ids = [sp.bos_id()] + sp.encode(format_prompt({"instruction": instruction, "input": input_text}))
-    context = min(mc.max_position_embeddings, mc.sliding_window or mc.max_position_embeddings)
-    room = context - len(ids)
-    if room <= 0:
-        raise InputError(f"the prompt is {len(ids)} tokens, the model's context is {context}")
-    out = llama.generate(params, np.array([ids], np.int32), mc, max_new_tokens=min(max_new_tokens, room),
-                         temperature=temperature, top_p=top_p, key=jax.random.PRNGKey(seed),
-                         eos_token_id=sp.eos_id())
+    new = min(max_new_tokens, answer_room(ids, mc))
+    out = llama.generate(params, np.array([ids], np.int32), mc, max_new_tokens=new, temperature=temperature,
+                         top_p=top_p, key=jax.random.PRNGKey(seed), eos_token_id=sp.eos_id())
     out = [int(t) for t in np.asarray(out)[0]]
     if sp.eos_id() in out:
         out = out[:out.index(sp.eos_id())]
@@ -1770,12 +1909,7 @@ def generate_main(argv):
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep this much probability mass")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        raise InputError(f"--max_new_tokens must be at least 1, got {a.max_new_tokens}")
-    if a.temperature < 0:
-        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {a.temperature}")
-    if not 0 < a.top_p <= 1:
-        raise InputError(f"--top_p must be in (0, 1], got {a.top_p}")
+    check_generate(a)
     import llama
     try:
         answer = respond(a.model, a.instruction, a.input, max_new_tokens=a.max_new_tokens,
@@ -1788,35 +1922,6 @@ def generate_main(argv):
 
 # ----------------------------------------------------------------------------------------------------
 # 12. main
-#
-# The demo preset: the README's first command. A real (tiny) pretrained Llama, stories260K, fine-tuned on
-# 2,000 real Alpaca records, both shipped in tests/assets/, in float32 on whatever devices there are. It
-# shows the loss going down, writes the HF export, and answers an instruction. The settings are fixed,
-# not derived from the hardware: the same flags give the same run everywhere.
-PRESETS = {
-    "demo": dict(model="tests/assets/stories260K", data="tests/assets/alpaca/alpaca_sample_2000.json",
-                 seq_len=512, max_len=512, batch_size=32, steps=60, lr=1e-3, warmup_ratio=0.05,
-                 compute_dtype="float32", hf_dtype="float32", out="runs/demo", log_every=5, checkpoint_every=20,
-                 sample_instruction="Give three tips for staying healthy.", sample_tokens=64),
-    # Levanter's Alpaca-LoRA (examples/alpaca-lora/alpaca-lora-llama2.yaml and its LoraConfig defaults): rank 8,
-    # alpha 8, no dropout, every linear matrix of the decoder, lr 3e-4, no weight decay; with this file's
-    # defaults for the rest (Llama-2-7B, 3 epochs of ~128 examples a step, 3% warmup then cosine).
-    "alpaca-lora": dict(lora_rank=8, lora_alpha=8.0, lora_targets="q,k,v,o,gate,up,down", lr=3e-4,
-                        weight_decay=0.0, out="runs/alpaca-lora"),
-}
-
-
-def parse_config(argv):
-    parser = make_parser()
-    preset = parser.parse_known_args(argv)[0].preset
-    if preset:
-        if preset not in PRESETS:
-            raise InputError(f"--preset {preset}: unknown; known presets: {', '.join(PRESETS)}")
-        here = os.path.dirname(os.path.abspath(__file__))
-        # Paths of a preset are relative to this file, so the demo runs from any directory.
-        defaults = {k: (os.path.join(here, v) if k in ("model", "data") else v) for k, v in PRESETS[preset].items()}
-        parser.set_defaults(**defaults)
-    return Config(**vars(parser.parse_args(argv)))
 
 
 def plan_run(c):
@@ -1826,8 +1931,7 @@ def plan_run(c):
     dp = c.data_parallel or jax.device_count()
     examples, _, info = prepare_data(c, dp)
     _, mc = model_config(c, weights=False)
-    if mc.hidden_size % dp:
-        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {dp} devices")
+    check_hidden_size(mc, dp)
     limit = device_memory_gb(jax.devices()[0], c.device_memory_gb)
     return info, memory_plan(c, mc, example_lengths(examples), dp, limit)
 
@@ -1847,7 +1951,7 @@ def main(argv=None):
         if argv[:1] == ["generate"]:
             return generate_main(argv[1:])
         c = parse_config(argv)
-        check_config(c)
+        check_flags(c)
         if c.dry_run:
             return dry_run(c)
         init_distributed()
@@ -1885,8 +1989,8 @@ def _failed_message(e, c):
     import jax
     first = (str(e).strip().splitlines() or [""])[0]
     kept = list_checkpoints(c.out) if c else []
-    resume = (f"the run resumes from the last complete checkpoint, {os.path.join(c.out, 'checkpoints')}/"
-              f"step_{kept[-1]:08d}" if kept else "there is no complete checkpoint yet: the run starts afresh")
+    resume = (f"the run resumes from the last complete checkpoint, {checkpoint_dir(c.out, kept[-1])}" if kept
+              else "there is no complete checkpoint yet: the run starts afresh")
     return (f"process {jax.process_index()} of {jax.process_count()} stopped: {type(e).__name__}: {first}\n"
             f"If another process of this job died or lost its connection, its log says why. Restart all "
             f"{jax.process_count()} processes with the same command: {resume}.")

@@ -222,15 +222,17 @@ def test_rows_per_step(tokenized):
     R = alpaca.choose_rows_per_step(lengths, batch_size=128, seq_len=2048, data_parallel=8)
     assert R % 8 == 0 and abs(R * 2048 * 0.99 / mean - 128) < 0.5 * 128
     assert alpaca.choose_rows_per_step(lengths, batch_size=96, seq_len=512, data_parallel=8, pack=False) == 96
+    flags = alpaca.Config(seq_len=512, max_len=512)
     with pytest.raises(alpaca.InputError, match="--batch_size 100 with --no_pack"):
-        alpaca.choose_rows_per_step(lengths, batch_size=100, seq_len=512, data_parallel=8, pack=False)
+        alpaca.step_rows(alpaca.dataclasses.replace(flags, batch_size=100, no_pack=True), lengths, 8)
     with pytest.raises(alpaca.InputError, match="all were dropped"):
-        alpaca.choose_rows_per_step(lengths[:0], batch_size=128, seq_len=512, data_parallel=8)
+        alpaca.step_rows(flags, lengths[:0], 8)
     # Micro-batches split a step, they never change it: 32 rows over 8 devices in 2 passes of 16.
     assert alpaca.micro_batches(32, 16, 8) == 2 and alpaca.micro_batches(32, 0, 8) == 1
     with pytest.raises(alpaca.InputError, match=r"--micro_batch_size 12: .* valid here: \[8, 16, 32\]"):
-        alpaca.micro_batches(32, 12, 8)
-    with pytest.raises(alpaca.InputError, match="data-parallel"):
+        alpaca.step_rows(alpaca.dataclasses.replace(flags, batch_size=32, no_pack=True, micro_batch_size=12),
+                         lengths, 8)
+    with pytest.raises(ValueError, match="data-parallel"):
         alpaca.plan_steps(lengths, seed=0, rows_per_step=6, seq_len=512, epochs=1, data_parallel=4)
 
 
