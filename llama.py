@@ -6,10 +6,11 @@ Read top to bottom:
   3. The forward pass: embed, one lax.scan over layers (RMSNorm, RoPE, grouped-query attention with a
      causal+segment mask, SwiGLU MLP), final norm, LM head. A per-layer hook lets sharding.py all-gather
      FSDP shards inside the scan without this file knowing about devices.
-  4. The loss: summed token cross-entropy under a loss mask, and the number of loss tokens.
+  4. The loss: summed token cross-entropy under a loss mask, and the number of loss tokens; the FLOPs of
+     training on a set of examples (for MFU).
   5. Generation with a KV cache.
-  6. Hugging Face safetensors in (streamed, optionally straight into a sharding) and out (atomic, sharded,
-     optionally with LoRA adapters merged), and PEFT adapter directories in and out.
+  6. Hugging Face safetensors in (streamed, optionally straight into a sharding) and out (sharded, complete
+     once config.json is written, last; optionally with LoRA adapters merged), and PEFT adapters in and out.
   7. `python llama.py compare`: check our logits against transformers on a real checkpoint.
 
 Shape letters: B batch, T time (queries), S time (keys), D model width, H query heads, K kv heads,
