@@ -289,11 +289,8 @@ def model_config(c, weights=True):
     import llama
     try:
         model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
-        if weights:
-            mc = llama.check_checkpoint(model_dir)[0]  # config.json and the safetensors headers, no weights yet
-        else:
-            with open(os.path.join(model_dir, "config.json")) as fh:
-                mc = llama.LlamaConfig.from_hf(json.load(fh), source=os.path.join(model_dir, "config.json"))
+        # config.json, and with weights the safetensors headers too (no weight is read yet)
+        mc = llama.check_checkpoint(model_dir)[0] if weights else llama.read_config(model_dir)
     except (llama.CheckpointError, OSError, ValueError) as e:
         raise InputError(f"--model {c.model}: {e}")
     if c.seq_len > mc.max_position_embeddings:
@@ -467,7 +464,7 @@ def train(c):
     say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
     run = preflight(c)  # every check of flags x config.json x data x devices; nothing written yet
     report_plan(run, say)  # the data line and its warnings
-    step = make_step(c, run.mc, run.mesh, run.plan["steps"], run.info["micro_batches"])
+    step = make_step(c, run.mc, run.lc, run.mesh, run.plan["steps"], run.info["micro_batches"])
     state = restore_or_load(run, say)  # the latest committed checkpoint, or the HF weights (+ new LoRA adapters)
     logs = open_logs(run)  # metrics.jsonl cut back to the checkpoint, wandb
     preempted, state = train_loop(run, step, state, logs, say)  # steps, logs, checkpoints, SIGTERM, divergence
@@ -500,12 +497,12 @@ def adamw_config(c, steps):
                                 total_steps=steps)
 
 
-def make_step(c, mc, mesh, steps, micro):
+def make_step(c, mc, lc, mesh, steps, micro):
     """The train step of these flags: what train() runs and what the memory plan compiles."""
     import jax.numpy as jnp
     import sharding
     return sharding.make_train_step(mc, mesh, adamw_config(c, steps), compute_dtype=jnp.dtype(c.compute_dtype),
-                                    num_micro_batches=micro, remat=not c.no_remat, lora=lora_config(c, mc))
+                                    num_micro_batches=micro, remat=not c.no_remat, lora=lc)
 
 
 def restore_or_load(run, say):
@@ -1669,7 +1666,7 @@ def compile_memory_child():
     params, trained, opt_state, batch = abstract_train_inputs(mc, mesh, jax.numpy.dtype(c.param_dtype),
                                                               request["rows"], request["seq_len"], lc)
     t0 = time.perf_counter()
-    step = make_step(c, mc, mesh, steps=1000, micro=request["micro_batches"])
+    step = make_step(c, mc, lc, mesh, steps=1000, micro=request["micro_batches"])
     base = (params,) if lc else ()  # LoRA's step takes the frozen base as its last argument
     m = step.lower(trained, opt_state, batch, *base).compile().memory_analysis()
     print(json.dumps({

@@ -632,15 +632,20 @@ def _expected_tensors(mc: LlamaConfig) -> dict[str, tuple]:
     return out
 
 
-def check_checkpoint(path: str):
-    """Read config.json and the safetensors headers of a local checkpoint directory, and check that the
-    tensors are exactly those of the config, with the right shapes. Cheap (no tensor is read), so a
-    training run calls it before doing anything else. Returns (config, {HF name: file}, expected)."""
+def read_config(path: str) -> LlamaConfig:
+    """The LlamaConfig of a local checkpoint directory's config.json."""
     cfg_file = os.path.join(path, "config.json")
     if not os.path.exists(cfg_file):
         raise CheckpointError(f"{path}: no config.json")
     with open(cfg_file) as f:
-        mc = LlamaConfig.from_hf(json.load(f), source=cfg_file)
+        return LlamaConfig.from_hf(json.load(f), source=cfg_file)
+
+
+def check_checkpoint(path: str):
+    """Read config.json and the safetensors headers of a local checkpoint directory, and check that the
+    tensors are exactly those of the config, with the right shapes. Cheap (no tensor is read), so a
+    training run calls it before doing anything else. Returns (config, {HF name: file}, expected)."""
+    mc = read_config(path)
     where = _tensor_index(path)
     expected = _expected_tensors(mc)
     ignorable = {n for n in where if n.endswith(IGNORED_TENSORS)}

@@ -73,6 +73,9 @@ CONFIGS = {
     "llama2-7b": llama.LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                                    head_dim=128, max_position_embeddings=4096),
+    "llama2-13b": llama.LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
+                                    num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
+                                    head_dim=128, max_position_embeddings=4096),
 }
 DEFAULT_BATCH = {"tiny": 32, "100m": 8, "58m": 16}  # examples per step: a few seconds a step on 2 CPU cores
 # --no_pack pads every example to seq_len: ~4x the slots of packing, too slow for the default run at 100m.

@@ -25,11 +25,8 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, HERE)
 
 import alpaca  # noqa: E402
-from bench import SAMPLE, TOKENIZER  # noqa: E402
+from bench import CONFIGS, SAMPLE, TOKENIZER  # noqa: E402
 
-# The public config.json of meta-llama/Llama-2-7b-hf and -13b-hf (the fields that matter here).
-LLAMA2 = {"7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
-          "13B": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
 # name, jax devices, HBM per device in GB: a TPU v3-8 is 4 chips of 2 cores (8 devices of 16 GiB), a v4-8 is
 # 4 chips (4 devices of 32 GiB), a v5e-8 8 chips of 16 GiB.
 MACHINES = [("TPU v3-8", 8, "TPU v3"), ("TPU v3-32", 32, "TPU v3"), ("TPU v4-8", 4, "TPU v4"),
@@ -38,11 +35,10 @@ MACHINES = [("TPU v3-8", 8, "TPU v3"), ("TPU v3-32", 32, "TPU v3"), ("TPU v4-8",
 
 
 def write_config(directory, size):
+    """The public shapes of meta-llama/Llama-2-{7b,13b}-hf (bench.CONFIGS) as a config.json."""
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as fh:
-        json.dump({"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000,
-                   "num_key_value_heads": LLAMA2[size]["num_attention_heads"], "max_position_embeddings": 4096,
-                   "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", **LLAMA2[size]}, fh)
+        json.dump(CONFIGS[f"llama2-{size.lower()}"].to_hf(), fh)
 
 
 def fix_text(fix):
