@@ -38,16 +38,16 @@ Backward (every layer is under jax.checkpoint, so only the layer inputs [1, 512,
 After the backward: ALL-REDUCE (psum) of 3 scalars (loss sum, token count, squared gradient norm): bytes.
 Then AdamW on the local shards only: no communication at all, 1/32 of the optimizer work per device.
 
-Per device and step that is ~52 GB moved (~39 GB with reduce_dtype=bf16), against ~8 x 6.74e9 x 512 =
-2.8e13 FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16
-TFLOP/s (123 per chip), so 0.45 s if every FLOP ran at peak (0.34 s for the 6N that MFU counts); Google
-quotes 340 TB/s all-reduce bandwidth for a 1024-chip v3 pod, ~330 GB/s per chip: if these collectives reach
-it, the chip's 2 x 52 GB take ~0.3 s. Where XLA
-overlaps each layer's gather with the previous layer's matmuls (its latency-hiding scheduler does this on
-TPU), the step is compute-bound, but not by much: halve the tokens per device (64 devices, or a smaller
-batch) and it becomes communication-bound. Gradient accumulation does not help: FSDP gathers and
-reduce-scatters the weights again for every micro-batch, so M micro-batches cost M times the bytes above.
-On a pod, let the device count make the batch; use micro-batches when memory is short.
+Per device and step that is ~52 GB moved (~39 GB with reduce_dtype=bf16), against ~8 x 6.74e9 x 512 = 2.8e13
+FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16 TFLOP/s
+(123 per chip), so 0.45 s if every FLOP ran at peak (0.34 s for the 6N that MFU counts); Google quotes 340
+TB/s all-reduce bandwidth for a 1024-chip v3 pod, ~330 GB/s per chip: if these collectives reach it, the
+chip's 2 x 52 GB take ~0.3 s. Where XLA overlaps each layer's gather with the previous layer's matmuls (its
+latency-hiding scheduler does this on TPU), the step is compute-bound, but not by much: halve the tokens per
+device (64 devices, or a smaller batch) and it becomes communication-bound. Gradient accumulation does not
+help: FSDP gathers and reduce-scatters the weights again for every micro-batch, so M micro-batches cost M
+times the bytes above. On a pod, let the device count make the batch; use micro-batches when memory is
+short.
 """
 
 from __future__ import annotations
@@ -121,24 +121,23 @@ def fsdp_dim(name: str) -> int:
 
 
 def partition_specs(params_or_shapes, mesh: Mesh):
-    """The PartitionSpec of every parameter; checks names, ranks and divisibility."""
+    """The PartitionSpec of every parameter (arrays, or shape tuples as llama.param_shapes gives them);
+    checks names and divisibility."""
     n = mesh.shape[FSDP]
 
     def spec(path, x):
         name = llama.path_name(path)
         if name not in PARTITION_RULES:
-            raise KeyError(f"no partition rule for parameter {name!r}; PARTITION_RULES has {list(PARTITION_RULES)}")
-        s, shape = PARTITION_RULES[name], tuple(x.shape)
-        if len(s) != len(shape):
-            raise ValueError(f"parameter {name!r} has shape {shape}, but its rule {s} is for rank {len(s)}")
-        d = fsdp_dim(name)
+            raise KeyError(f"no partition rule for parameter {name!r}; PARTITION_RULES has "
+                           f"{list(PARTITION_RULES)}")
+        s, shape, d = PARTITION_RULES[name], tuple(getattr(x, "shape", x)), fsdp_dim(name)
         if shape[d] % n:
             raise ValueError(f"cannot shard parameter {name!r} of shape {shape} over {n} 'fsdp' devices: its "
-                             f"dimension {d} (hidden_size) is {shape[d]}, not a multiple of {n}. Use a device "
-                             f"count that divides hidden_size={shape[d]}.")
+                             f"dimension {d} (hidden_size) is {shape[d]}, not a multiple of {n}. Use a "
+                             f"device count that divides hidden_size={shape[d]}.")
         return s
 
-    return jax.tree_util.tree_map_with_path(spec, params_or_shapes)
+    return jax.tree_util.tree_map_with_path(spec, params_or_shapes, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def param_specs(params_or_shapes, mesh: Mesh):
@@ -158,8 +157,8 @@ def shard_params(params, mesh: Mesh):
 
 def init_sharded_params(mc: llama.LlamaConfig, key, mesh: Mesh, **kwargs):
     """llama.init_params compiled straight into the sharding: no device ever holds the whole model."""
-    shapes = jax.eval_shape(lambda k: llama.init_params(mc, k, **kwargs), key)
-    return jax.jit(lambda k: llama.init_params(mc, k, **kwargs), out_shardings=param_specs(shapes, mesh))(key)
+    return jax.jit(lambda k: llama.init_params(mc, k, **kwargs),
+                   out_shardings=param_specs(llama.param_shapes(mc), mesh))(key)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -171,7 +170,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """A global batch (the same numpy arrays on every process) placed on the mesh, rows split over fsdp."""
     s = batch_sharding(mesh)
-    return {k: jax.make_array_from_callback(v.shape, s, lambda index, v=v: v[index]) for k, v in batch.items()}
+    return {k: jax.make_array_from_callback(v.shape, s, lambda index, v=v: v[index])
+            for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -203,7 +203,8 @@ def _gather_weight_bwd(axis, compute_dtype, reduce_dtype, dtype_only, grad_whole
     # gradients are summed and device i keeps only slice i, [.., D/N, ..], the slice of its own shard.
     # Each device sends (N-1)/N of a whole weight's gradient in reduce_dtype; nobody ever holds the sum of
     # the whole thing. The result is the gradient of the loss summed over the rows of ALL devices.
-    grad_shard = jax.lax.psum_scatter(grad_whole.astype(reduce_dtype), FSDP, scatter_dimension=axis, tiled=True)
+    grad_shard = jax.lax.psum_scatter(grad_whole.astype(reduce_dtype), FSDP, scatter_dimension=axis,
+                                      tiled=True)
     return (grad_shard.astype(dtype_only.dtype),)
 
 
@@ -252,12 +253,6 @@ def lr_at(cfg: AdamWConfig, step):
     return cfg.lr * jnp.where(step < cfg.warmup_steps, warmup, cosine)
 
 
-def decays(name: str) -> bool:
-    """Weight decay applies to the matrices (embed included), not to the norm weights: HF Trainer's rule
-    (it exempts biases and LayerNorm/RMSNorm weights; Llama has no biases)."""
-    return not name.endswith("norm")
-
-
 def init_opt_state(params) -> dict:
     """AdamW state sharded exactly like the parameters: mu and nu in float32, and the number of updates
     done so far (a replicated int32 scalar)."""
@@ -289,7 +284,8 @@ def adamw_update(params, grads, opt_state, cfg: AdamWConfig, grad_norm):
         nu = cfg.b2 * nu + (1 - cfg.b2) * g * g
         u = (mu / (1 - cfg.b1 ** t)) / (jnp.sqrt(nu / (1 - cfg.b2 ** t)) + cfg.eps)
         p32 = p.astype(jnp.float32)
-        if decays(llama.path_name(path)) and cfg.weight_decay:
+        # Weight decay for the matrices (embed included), not the norm weights: HF Trainer's rule.
+        if cfg.weight_decay and not llama.path_name(path).endswith("norm"):
             u = u + cfg.weight_decay * p32
         return (p32 - lr * u).astype(p.dtype), mu, nu
 
@@ -299,53 +295,25 @@ def adamw_update(params, grads, opt_state, cfg: AdamWConfig, grad_norm):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 5. The train step
+# 5. The training state and the train step
 # ---------------------------------------------------------------------------------------------------------
-
-
-def _param_shapes(mc: llama.LlamaConfig):
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.float32), llama.param_shapes(mc),
-                        is_leaf=lambda s: isinstance(s, tuple))
-
-
-def _local_loss(mc, compute_dtype, reduce_dtype, remat, lora: llama.LoraConfig | None = None):
-    """(loss sum, loss tokens) of this device's rows, from this device's parameter shards (and, with LoRA,
-    the adapters, which every device holds whole)."""
-    def layer_hook(layer):  # inside llama.py's scan: one layer's shards -> the whole layer, in compute_dtype
-        return gather_params(layer, compute_dtype, reduce_dtype, prefix="layers/", drop_leading_axis=True)
-
-    def loss(params, batch, adapters=None):
-        # The top-level tensors (embed, final_norm, lm_head) are gathered once, here; the layers stay
-        # shards, gathered one at a time by the hook (and again in the backward pass when remat is on).
-        top = gather_params({k: v for k, v in params.items() if k != "layers"}, compute_dtype, reduce_dtype)
-        whole = {**top, "layers": params["layers"]}
-        return llama.loss_fn(whole, batch, mc, compute_dtype=compute_dtype, layer_hook=layer_hook, remat=remat,
-                             lora=adapters, lora_scale=lora.scale if lora else 1.0)
-
-    return loss
-
-
-def _check_rows(batch, multiple, what):
-    rows = batch["tokens"].shape[0]
-    if rows % multiple:
-        raise ValueError(f"a batch of {rows} rows cannot be split over {what}: rows must be a multiple of {multiple}")
-
-
-# LoRA on the same step. The base weights are frozen: split over "fsdp" and gathered layer by layer exactly as
-# above (in bf16, --param_dtype's default with LoRA: half the bytes at rest), but they are a non-differentiated
-# argument, and stop_gradient makes sure: no custom_vjp backward runs for them, so the backward pass computes
-# only the activations' gradients (x-grads) through the frozen matrices, never a weight gradient, and there is
-# NO REDUCE-SCATTER at all. Per token that is 6N FLOPs with remat (forward, recompute, x-grads) instead of 8N,
-# and per step half the bytes of full FSDP (the two all-gather passes remain, the reduce-scatters go).
-# The adapters are REPLICATED: every device holds all of them, their AdamW state and their gradient. For
-# Llama-2-7B at rank 8 on all seven matrices: 32 layers x 8 x (4 x (4096 + 4096) + 3 x (4096 + 11008))
-# = 20.0e6 parameters (0.3% of the model), 80 MB in float32; adapters + mu + nu + gradient = 320 MB per
-# device. Each device differentiates its own rows' loss w.r.t. its copy (made "varying" so that autodiff adds
-# no collective of its own), sums its micro-batches, and then ONE ALL-REDUCE (psum) over "fsdp" of the 80 MB
-# float32 gradient per step makes every copy's gradient the gradient of the whole batch: a ring all-reduce
-# sends and receives 2 (N-1)/N x 80 MB, ~155 MB per device on 32 devices (against ~26 GB for the two
-# all-gather passes of the base). AdamW then runs the same update on every device, and the copies stay equal
-# bit for bit. Sharding the adapters instead would save under 0.3 GB per device for a second set of collectives.
+# One state for both kinds of fine-tune, so that the loop, checkpoints and logs never ask which one runs:
+#   "trained"    what the update changes: every weight (its FSDP shards), or with LoRA the adapters
+#   "opt_state"  AdamW's mu and nu, shaped and sharded like "trained", and the number of updates done
+#   "frozen"     what the loss reads and no update changes: {} for a full fine-tune, LoRA's base weights
+# A checkpoint holds "trained" and "opt_state"; "frozen" is read from the model again.
+#
+# LoRA on the same step. The base weights are frozen: split over "fsdp" and gathered layer by layer exactly
+# as above (in bf16, --param_dtype's default with LoRA: half the bytes at rest), but stop_gradient keeps
+# autodiff out of them: no custom_vjp backward runs, the backward pass computes only the activations'
+# gradients through the frozen matrices, never a weight gradient, and there is NO REDUCE-SCATTER at all. Per
+# token that is 6N FLOPs with remat (forward, recompute, x-grads) instead of 8N. The adapters are
+# REPLICATED: every device holds all of them, their AdamW state and their gradient (7B at rank 8 on all
+# seven matrices: 20.0e6 parameters, 0.3% of the model, 80 MB in float32). Each device differentiates its
+# own rows' loss w.r.t. a "varying" copy (so that autodiff adds no collective of its own), sums its micro-
+# batches, then ONE ALL-REDUCE (psum) of the 80 MB float32 gradient per step makes every copy's gradient
+# that of the whole batch (~155 MB sent per device on 32 devices, against ~26 GB for the two all-gather
+# passes of the base). AdamW runs the same update on every device, and the copies stay equal bit for bit.
 
 
 def lora_specs(mc: llama.LlamaConfig, lc: llama.LoraConfig):
@@ -359,52 +327,89 @@ def init_lora_params(mc: llama.LlamaConfig, lc: llama.LoraConfig, key, mesh: Mes
                    out_shardings=jax.tree.map(lambda s: NamedSharding(mesh, s), lora_specs(mc, lc)))(key)
 
 
+def state_specs(mc: llama.LlamaConfig, mesh: Mesh, lora: llama.LoraConfig | None = None) -> dict:
+    """The PartitionSpec of every leaf of the training state; checks divisibility."""
+    params = partition_specs(llama.param_shapes(mc), mesh)
+    trained = params if lora is None else lora_specs(mc, lora)
+    return {"trained": trained, "opt_state": {"mu": trained, "nu": trained, "step": P()},
+            "frozen": {} if lora is None else params}
+
+
+def abstract_state(mc: llama.LlamaConfig, mesh: Mesh, param_dtype, lora: llama.LoraConfig | None = None):
+    """The training state as jax.ShapeDtypeStructs with their shardings, weights in param_dtype (adapters and
+    AdamW in float32): what the step compiles for and a checkpoint is read into, with no weight in memory."""
+    def struct(shapes, dtype):
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes,
+                            is_leaf=lambda s: isinstance(s, tuple))
+
+    params = struct(llama.param_shapes(mc), param_dtype)
+    trained = params if lora is None else struct(llama.lora_shapes(mc, lora), jnp.float32)
+    moments = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), trained)
+    shapes = {"trained": trained, "frozen": {} if lora is None else params,
+              "opt_state": {"mu": moments, "nu": moments, "step": jax.ShapeDtypeStruct((), jnp.int32)}}
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                        shapes, state_specs(mc, mesh, lora))
+
+
+def init_state(mc: llama.LlamaConfig, params, lora: llama.LoraConfig | None = None, key=None) -> dict:
+    """The state of a fresh fine-tune of `params` (sharded as param_specs): every weight trained, or with lora
+    new adapters (from `key`) trained on the frozen params."""
+    if lora is None:
+        return {"trained": params, "opt_state": init_opt_state(params), "frozen": {}}
+    adapters = init_lora_params(mc, lora, key, jax.tree.leaves(params)[0].sharding.mesh)
+    return {"trained": adapters, "opt_state": init_opt_state(adapters), "frozen": params}
+
+
+def _local_loss(mc, compute_dtype, reduce_dtype, remat, lora: llama.LoraConfig | None):
+    """(loss sum, loss tokens) of this device's rows as a function of what is trained, from this device's
+    shards of the weights (and, with LoRA, the adapters, which every device holds whole)."""
+    def layer_hook(layer):  # inside llama.py's scan: one layer's shards -> the whole layer, in compute_dtype
+        return gather_params(layer, compute_dtype, reduce_dtype, prefix="layers/", drop_leading_axis=True)
+
+    def loss(trained, batch, frozen):
+        weights, adapters = (trained, None) if lora is None else (jax.lax.stop_gradient(frozen), trained)
+        # The top-level tensors (embed, final_norm, lm_head) are gathered once, here; the layers stay
+        # shards, gathered one at a time by the hook (and again in the backward pass when remat is on).
+        top = gather_params({k: v for k, v in weights.items() if k != "layers"}, compute_dtype, reduce_dtype)
+        whole = {**top, "layers": weights["layers"]}
+        return llama.loss_fn(whole, batch, mc, compute_dtype=compute_dtype, layer_hook=layer_hook,
+                             remat=remat, lora=adapters, lora_scale=lora.scale if lora else 1.0)
+
+    return loss
+
+
 def make_train_step(mc: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, compute_dtype=jnp.bfloat16,
                     reduce_dtype=jnp.float32, num_micro_batches: int = 1, remat: bool = True,
                     lora: llama.LoraConfig | None = None):
-    """step(params, opt_state, batch) -> (params, opt_state, metrics), jitted, params and opt_state donated.
+    """step(state, batch) -> (state, metrics), jitted, the state donated ("frozen" comes back unchanged, in
+    the same buffers).
 
-    params/opt_state: sharded as param_specs / init_opt_state. batch: the BATCH_KEYS dict of global [R, T]
-    arrays with rows split over "fsdp" (batch_sharding), R a multiple of fsdp x num_micro_batches.
-    metrics (replicated float32 scalars): loss (mean over every loss token of the global batch), n_tokens,
-    grad_norm (global, before clipping), lr (of this update).
-
-    With lora (a llama.LoraConfig): step(adapters, opt_state, batch, base) -> (adapters, opt_state, metrics).
-    adapters: replicated (init_lora_params), the only trained parameters; opt_state: init_opt_state(adapters);
-    base: the frozen weights, sharded as param_specs, in any dtype, neither donated nor changed."""
-    n = mesh.shape[FSDP]
+    state: init_state's, sharded as state_specs; with lora (a llama.LoraConfig) the adapters are trained.
+    batch: the BATCH_KEYS dict of global [R, T] arrays with rows split over "fsdp" (batch_sharding), R a
+    multiple of fsdp x num_micro_batches. metrics (replicated float32 scalars): loss (mean over every loss
+    token of the global batch), n_tokens, grad_norm (global, before clipping), lr (of this update)."""
     M = num_micro_batches
-    specs = partition_specs(_param_shapes(mc), mesh)  # also checks divisibility, now rather than later
-    batch_specs = {k: P(FSDP) for k in BATCH_KEYS}
-    loss = _local_loss(mc, compute_dtype, reduce_dtype, remat, lora)
-    if lora is None:  # every weight is trained, as its FSDP shards
-        trained_specs, frozen_specs, loss_of = specs, (), loss
-    else:  # only the adapters: the base is an extra argument that is never differentiated
-        trained_specs, frozen_specs = lora_specs(mc, lora), (specs,)
+    specs = state_specs(mc, mesh, lora)  # also checks divisibility, now rather than later
+    grad_of_loss = jax.value_and_grad(_local_loss(mc, compute_dtype, reduce_dtype, remat, lora), has_aux=True)
 
-        def loss_of(adapters, batch, base):
-            return loss(jax.lax.stop_gradient(base), batch, adapters)
-    opt_specs = {"mu": trained_specs, "nu": trained_specs, "step": P()}
-    grad_of_loss = jax.value_and_grad(loss_of, has_aux=True)  # w.r.t. the first argument only
-
-    def local_step(params, opt_state, batch, *frozen):
-        # Shapes here are one device's: parameter shards [.., D/N, ..], rows [R/N, T]; adapters whole.
+    def local_step(state, batch):
+        # Shapes here are one device's: weight shards [.., D/N, ..], rows [R/N, T]; adapters whole.
         micro = jax.tree.map(lambda x: x.reshape(M, -1, *x.shape[1:]), batch)  # [M, R/(N M), T]
         # A replicated value is "invariant" over fsdp; differentiating this device's loss w.r.t. it would make
         # autodiff all-reduce its gradient at every use. A "varying" copy keeps each gradient local until the
         # one psum below. (Shards already vary over fsdp: a no-op for them.)
-        diff = params if lora is None else jax.lax.pcast(params, FSDP, to="varying")
+        trained = jax.lax.pcast(state["trained"], FSDP, to="varying") if lora else state["trained"]
 
         def accumulate(carry, mb):
             grads, loss_sum, n_tokens = carry
             # Differentiate this device's loss SUM. The reduce-scatters inside (see gather_weight) add the
             # gradients of all devices' rows: every device gets its shard of d(sum over all rows)/d(params).
-            (l, n_tok), g = grad_of_loss(diff, mb, *frozen)
+            (l, n_tok), g = grad_of_loss(trained, mb, state["frozen"])
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, loss_sum + l, n_tokens + n_tok), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-        # Scan carries must have the type of the body's outputs, which differ per device ("varying" over fsdp).
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trained)
+        # Scan carries must have the type of the body's outputs, which differ per device ("varying").
         carry = jax.lax.pcast((zeros, jnp.float32(0), jnp.float32(0)), FSDP, to="varying")
         (grads, loss_sum, n_tokens), _ = jax.lax.scan(accumulate, carry, micro)
 
@@ -416,22 +421,16 @@ def make_train_step(mc: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, 
         grads = jax.tree.map(lambda g: g / jnp.maximum(n_tokens, 1.0), grads)  # d(mean loss)/d(shard)
 
         # The squared global gradient norm. FSDP: every parameter element lives in exactly one shard, so it is
-        # the ALL-REDUCE (psum) of one scalar, the shards' squared norms. LoRA: every device has it all already.
+        # the ALL-REDUCE (psum) of one scalar, the shards' squared norms. LoRA: every device has it all.
         sq = sum(jnp.sum(g * g) for g in jax.tree.leaves(grads))
         grad_norm = jnp.sqrt(jax.lax.psum(sq, FSDP) if lora is None else sq)
 
-        params, opt_state, lr = adamw_update(params, grads, opt_state, opt_cfg, grad_norm)  # local
+        new, opt_state, lr = adamw_update(state["trained"], grads, state["opt_state"], opt_cfg, grad_norm)
         metrics = {"loss": loss_sum / jnp.maximum(n_tokens, 1.0), "n_tokens": n_tokens,
                    "grad_norm": grad_norm, "lr": lr}
-        return params, opt_state, metrics
+        return {"trained": new, "opt_state": opt_state, "frozen": state["frozen"]}, metrics
 
-    sharded_step = jax.shard_map(local_step, mesh=mesh, in_specs=(trained_specs, opt_specs, batch_specs, *frozen_specs),
-                                 out_specs=(trained_specs, opt_specs, P()), check_vma=True)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, batch, *frozen):
-        _check_rows(batch, n * M, f"{n} fsdp devices x {M} micro-batches")
-        return sharded_step(params, opt_state, {k: batch[k] for k in BATCH_KEYS}, *frozen)
-
-    return train_step
-
+    sharded_step = jax.shard_map(local_step, mesh=mesh, in_specs=(specs, {k: P(FSDP) for k in BATCH_KEYS}),
+                                 out_specs=(specs, P()), check_vma=True)
+    return jax.jit(lambda state, batch: sharded_step(state, {k: batch[k] for k in BATCH_KEYS}),
+                   donate_argnums=0)

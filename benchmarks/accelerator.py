@@ -98,7 +98,8 @@ def part_peak(args, examples, info):
             versions[pkg] = None
     if args.part == "peak":
         emit({"env": True, "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
-              "devices": jax.device_count(), "device_memory_bytes": (dev.memory_stats() or {}).get("bytes_limit"),
+              "devices": jax.device_count(),
+              "device_memory_bytes": (dev.memory_stats() or {}).get("bytes_limit"),
               "compute_dtype": args.compute_dtype, "date": datetime.date.today().isoformat(),
               "machine": platform.node(), "cores": os.cpu_count(), "python": platform.python_version(),
               "versions": versions, "examples": info})
@@ -124,8 +125,9 @@ def attempt(name, mode, mc, examples, plan, args, mesh, limit, micro_batches=1):
     base = {"config": name, "mode": mode, "layers": mc.num_hidden_layers, "micro_batches": micro_batches,
             "step_memory_bytes": need, "memory_limit_bytes": limit, "compile_s": round(compiled[2], 2)}
     if limit and need and need > limit:
-        return emit({**base, "fits": False, "why": f"the compiled step needs {gb(need)} GB, {gb(need - limit)} GB "
-                                                   f"more than the device's {gb(limit)} GB"})
+        why = (f"the compiled step needs {gb(need)} GB, {gb(need - limit)} GB more than the device's "
+               f"{gb(limit)} GB")
+        return emit({**base, "fits": False, "why": why})
     say(f"{name} {mode}: compiled in {compiled[2]:.1f} s, needs {gb(need)} GB; running")
     try:
         rec = bench.run_jax(name, mode, mc, examples, plan, args, args.peaks, mesh, *compiled,
@@ -159,19 +161,21 @@ def part_7b(args, examples, mc):
 
     if not tries[0].get("fits") and R > 1 and time_for_another():
         tries.append(attempt(name, "one device", mc, examples, plan, args, mesh, limit, micro_batches=R))
-    full = min(tries, key=lambda r: (not r.get("fits"), r.get("step_memory_bytes") or 0))  # fits, else smaller
+    # The one that fits, else the smaller.
+    full = min(tries, key=lambda r: (not r.get("fits"), r.get("step_memory_bytes") or 0))
     best = full
     if not full.get("fits") and full.get("step_memory_bytes") and limit and L > 1:
         # Memory is (nearly) linear in the layer count: one layer's bytes from the compiled 1-layer step.
         M = full["micro_batches"]
-        one = bench.compile_jax(dataclasses.replace(mc, num_hidden_layers=1), examples, plan, args, mesh, M)[3]
+        one = bench.compile_jax(dataclasses.replace(mc, num_hidden_layers=1), examples, plan, args, mesh,
+                                M)[3]
         per_layer = (full["step_memory_bytes"] - one) / (L - 1)
         layers = min(L - 1, int((limit - one) // per_layer) + 1)
         for _ in range(3):  # a run that still runs out of memory tries one layer fewer
             if layers < 1 or not time_for_another():
                 break
-            best = attempt(name, "one device", dataclasses.replace(mc, num_hidden_layers=layers), examples, plan,
-                           args, mesh, limit, micro_batches=M)
+            best = attempt(name, "one device", dataclasses.replace(mc, num_hidden_layers=layers), examples,
+                           plan, args, mesh, limit, micro_batches=M)
             if best.get("fits"):
                 break
             layers -= 1
@@ -180,8 +184,8 @@ def part_7b(args, examples, mc):
                "full_micro_batches": full.get("micro_batches"), "full_step_memory_bytes": need,
                "memory_limit_bytes": limit,
                "full_misses_by_bytes": need - limit if limit and need and need > limit else None,
-               "largest_fit": {k: best.get(k) for k in ("layers", "micro_batches", "step_memory_bytes", "s_per_step")}
-               if best.get("fits") else None}
+               "largest_fit": {k: best.get(k) for k in ("layers", "micro_batches", "step_memory_bytes",
+                                                        "s_per_step")} if best.get("fits") else None}
     if full.get("fits"):
         # The recipe's steps from the packing plan of its 3 epochs (scaled to the 52,002 records when only
         # the sample is loaded), at the measured seconds per step.
@@ -212,7 +216,8 @@ def run_part(args):
         args.remat = "off"
         attempt(name, "packed, remat off", one_b, examples, packed, args, mesh, device_limit(args, mesh))
     elif args.part == "no_pack":
-        attempt(name, f"no_pack (pad {pad_len})", one_b, examples, padded, args, mesh, device_limit(args, mesh))
+        attempt(name, f"no_pack (pad {pad_len})", one_b, examples, padded, args, mesh,
+                device_limit(args, mesh))
     elif args.part == "hf":
         try:
             import torch  # noqa: F401
@@ -244,7 +249,8 @@ def run_child(part, argv, timeout, env):
     rc = proc.wait()
     timer.cancel()
     if rc:
-        recs.append(emit({"part": part, "failed": f"killed after {timeout:.0f} s" if rc < 0 else f"exit status {rc}"}))
+        why = f"killed after {timeout:.0f} s" if rc < 0 else f"exit status {rc}"
+        recs.append(emit({"part": part, "failed": why}))
     return recs
 
 
@@ -257,7 +263,8 @@ def pct(x):
 
 
 def report(recs, t_start):
-    """The table, and the same as one JSON line, with every MFU against the better of the two measured peaks."""
+    """The table, and the same as one JSON line, with every MFU against the better of the two measured
+    peaks."""
     env = next((r for r in recs if r.get("env")), {})
     measured = max((r["measured_tflops"] for r in recs if "peak" in r), default=None)
     datasheet = next((r["datasheet_tflops"] for r in recs if "peak" in r), None)
@@ -265,27 +272,32 @@ def report(recs, t_start):
             if "useful_tflops" in r else r for r in recs if "mode" in r]
     fit = next((r for r in recs if "fit_on_one_device" in r), None)
     failed = [r for r in recs if "failed" in r]
-    emit({"summary": True, "env": env, "matmul_peak_tflops_measured": measured, "datasheet_peak_tflops": datasheet,
-          "runs": runs, "fit_on_one_device": fit, "failed": failed, "seconds": round(time.time() - t_start, 1)})
+    emit({"summary": True, "env": env, "matmul_peak_tflops_measured": measured,
+          "datasheet_peak_tflops": datasheet, "runs": runs, "fit_on_one_device": fit, "failed": failed,
+          "seconds": round(time.time() - t_start, 1)})
 
     v = env.get("versions", {})
     print(f"\n{env.get('date')}  {env.get('device')} x{env.get('devices')} ({env.get('backend')}), "
-          f"device memory {gb(env.get('device_memory_bytes'))} GB, jax {v.get('jax')}, torch {v.get('torch')}, "
+          f"device memory {gb(env.get('device_memory_bytes'))} GB, jax {v.get('jax')}, "
+          f"torch {v.get('torch')}, "
           f"transformers {v.get('transformers')}, {env.get('compute_dtype')}; examples: "
           f"{env.get('examples', {}).get('data_note')}")
-    print(f"matmul peak: measured {measured or float('nan'):.4g} TFLOP/s per device (the better of first and last), "
-          f"datasheet {datasheet or '-'}; 'step GB': XLA's figure for the compiled step, 'peak GB': the device's")
+    print(f"matmul peak: measured {measured or float('nan'):.4g} TFLOP/s per device (the better of first and "
+          f"last), datasheet {datasheet or '-'}; 'step GB': XLA's figure for the compiled step, 'peak GB': "
+          "the device's")
     print(f"{'config':10} {'mode':20} {'ex/step':>7} {'s/step':>7} {'real tok/s':>10} {'loss tok/s':>10} "
           f"{'TFLOP/s':>8} {'MFU meas':>8} {'MFU data':>8} {'compile s':>9} {'step GB':>7} {'peak GB':>7}")
     for r in runs:
-        mode = r["mode"] + (f", {r['layers']} layers" if r["config"].startswith("7b") and r.get("layers") else "")
+        seven_b = r["config"].startswith("7b") and r.get("layers")
+        mode = r["mode"] + (f", {r['layers']} layers" if seven_b else "")
         if "s_per_step" not in r:
             why = r.get("skipped") or f"{r.get('micro_batches')} micro-batches: does not fit: {r.get('why')}"
             print(f"{r['config']:10} {mode:20} {why}")
             continue
         print(f"{r['config']:10} {mode:20} {r['examples_per_step']:7.1f} {r['s_per_step']:7.3f} "
               f"{r['real_tokens_per_s']:10,.0f} {r['loss_tokens_per_s']:10,.0f} {r['useful_tflops']:8.3g} "
-              f"{pct(r['mfu_vs_measured']):>8} {pct(r['mfu_vs_datasheet']):>8} {r.get('compile_s', float('nan')):9.1f} "
+              f"{pct(r['mfu_vs_measured']):>8} {pct(r['mfu_vs_datasheet']):>8} "
+              f"{r.get('compile_s', float('nan')):9.1f} "
               f"{gb(r.get('step_memory_bytes')):>7} {gb(r.get('device_peak_bytes')):>7}")
     if fit:
         verdict = "fits" if fit["full_fits"] else "does NOT fit"
@@ -295,8 +307,8 @@ def report(recs, t_start):
               f"{fit['full_micro_batches']} micro-batches) needs {gb(fit['full_step_memory_bytes'])} GB of "
               f"{gb(fit['memory_limit_bytes'])} GB: {verdict}")
         if fit.get("projected_hours") is not None:
-            print(f"  the recipe: {fit['recipe_steps']} steps x {fit['s_per_step']:.3f} s = {fit['projected_hours']} h "
-                  f"on this one device (no input, checkpoint or compile time)")
+            print(f"  the recipe: {fit['recipe_steps']} steps x {fit['s_per_step']:.3f} s = "
+                  f"{fit['projected_hours']} h on this one device (no input, checkpoint or compile time)")
         elif fit.get("largest_fit"):
             lf = fit["largest_fit"]
             print(f"  largest that fits: {lf['layers']} layers, {lf['micro_batches']} micro-batches, "
@@ -316,17 +328,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=" ".join(__doc__.split("\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.split("\n")[5:]))
-    p.add_argument("--small", action="store_true", help="tiny stand-in configs and 2 timed steps (runs on a CPU)")
-    p.add_argument("--steps", type=int, default=0, help="timed steps per measurement (0: 3, or 2 with --small)")
+    p.add_argument("--small", action="store_true",
+                   help="tiny stand-in configs and 2 timed steps (runs on a CPU)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="timed steps per measurement (0: 3, or 2 with --small)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-    p.add_argument("--budget_s", type=float, default=480, help="the whole run's time; each part gets its share")
+    p.add_argument("--budget_s", type=float, default=480,
+                   help="the whole run's time; each part gets its share")
     p.add_argument("--memory_limit_gb", type=float, default=0,
                    help="device memory a step must fit in (below it, the 7b part tries smaller settings); "
                         "0: what the device reports (none on CPU)")
     p.add_argument("--compute_dtype", default="", help="'' = bfloat16 off CPU, float32 on CPU")
     p.add_argument("--cache_dir", default=os.path.join(bench.ROOT, ".cache"), help="tokenized examples")
-    p.add_argument("--data", default=bench.SAMPLE, help="Alpaca records (path or URL) for the example lengths; "
-                                                       "default: the 2,000-record sample in tests/assets")
+    p.add_argument("--data", default=bench.SAMPLE,
+                   help="Alpaca records (path or URL) for the example lengths; default: the 2,000-record "
+                        "sample in tests/assets")
     p.add_argument("--part", choices=[n for n, _ in PARTS], help="run one part in this process and exit")
     # Set by the orchestrating process for a part: when it must be done, the peaks measured first.
     p.add_argument("--deadline", type=float, default=0, help=argparse.SUPPRESS)

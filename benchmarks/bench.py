@@ -1,12 +1,13 @@
 """Useful tokens per second, MFU and packing efficiency of the train step, side by side with HF/PyTorch.
 
-    .venv/bin/python benchmarks/bench.py                      # tiny + ~100M configs, a few minutes on 2 CPU cores
+    .venv/bin/python benchmarks/bench.py               # tiny + ~100M configs, a few minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench.py --configs 100m --batch_size 8 --steps 3 --remat off
 
 What it does, in one run on the current jax backend (CPU, GPU or TPU):
   1. Example lengths: the records of --data (Stanford's alpaca_data.json, 52,002 records; by default the
      2,000-record sample shipped in tests/assets) under the LLaMA tokenizer shipped there. Token ids are the
-     real ones modulo the model's vocabulary: speed does not depend on them, the lengths and loss boundaries do.
+     real ones modulo the model's vocabulary: speed does not depend on them, the lengths and loss boundaries
+     do.
   2. A matmul peak measured now, on this backend, in the compute dtype (the denominator of "MFU vs measured").
   3. For each model config: sharding.make_train_step (the real FSDP step, over all devices, AdamW included)
      on packed rows (alpaca.py's planner) and on the same examples with --no_pack (one example per row,
@@ -60,7 +61,8 @@ TOKENIZER = os.path.join(ROOT, "tests", "assets", "llama_tokenizer", "tokenizer.
 CONFIGS = {
     # stories260K's shape (tests/assets/stories260K, the demo preset's model): 0.26M parameters.
     "tiny": llama.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=172, num_hidden_layers=5,
-                              num_attention_heads=8, num_key_value_heads=4, head_dim=8, tie_word_embeddings=True),
+                              num_attention_heads=8, num_key_value_heads=4, head_dim=8,
+                              tie_word_embeddings=True),
     # ~100M: GPT-2-small widths with Llama's MLP and vocabulary, 134M parameters (110M in matmuls).
     "100m": llama.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                               num_attention_heads=12, num_key_value_heads=12, head_dim=64),
@@ -112,7 +114,8 @@ def step_plans(examples, *, batch_size, seq_len, steps, seed=0, data_parallel=1)
     steps x batch_size examples of a packed plan long enough to hold them. No step is part empty. Packed
     rows are a multiple of data_parallel (the devices they split over)."""
     lengths = alpaca.example_lengths(examples)
-    R = alpaca.choose_rows_per_step(lengths, batch_size=batch_size, seq_len=seq_len, data_parallel=data_parallel)
+    R = alpaca.choose_rows_per_step(lengths, batch_size=batch_size, seq_len=seq_len,
+                                    data_parallel=data_parallel)
     longer = alpaca.plan_steps(lengths, seed=seed, rows_per_step=R, seq_len=seq_len, steps=2 * steps + 2)
     packed = alpaca.plan_steps(lengths, seed=seed, rows_per_step=R, seq_len=seq_len, steps=steps)
     ids = longer["order"][:steps * batch_size]
@@ -160,12 +163,25 @@ def datasheet_peak(dtype):
     """Dense bf16 peak per device from the datasheets (alpaca.PEAK_TFLOPS), for bf16 compute on GPU/TPU."""
     if jax.default_backend() == "cpu" or jnp.dtype(dtype) != jnp.bfloat16:
         return None
-    t = alpaca.peak_tflops(jax.devices()[0], 0)
+    kind = getattr(jax.devices()[0], "device_kind", "")
+    t = next((v for k, v in alpaca.PEAK_TFLOPS.items() if k in kind), None)
     return t * 1e12 if t else None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Our step
+
+
+def train_step(mc, mesh, args, micro_batches, lora):
+    """alpaca.make_step's train step with the recipe's AdamW, in --compute_dtype, remat as --remat says."""
+    c = alpaca.Config(compute_dtype=args.compute_dtype, no_remat=args.remat == "off")
+    return alpaca.make_step(c, mc, lora, mesh, 10_000, micro_batches)
+
+
+def abstract_batch(mesh, rows, seq_len):
+    """The BATCH_KEYS of a step as ShapeDtypeStructs with their sharding, dtypes as alpaca.make_batch's."""
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
 
 
 def compile_jax(mc, examples, plan, args, mesh, micro_batches=1, lora=None):
@@ -175,16 +191,13 @@ def compile_jax(mc, examples, plan, args, mesh, micro_batches=1, lora=None):
     what differs from the full step is only what is trained and differentiated.
     Returns (compiled step, batches, compile seconds, bytes the step needs per device)."""
     vocab_examples = {**examples, "tokens": examples["tokens"] % mc.vocab_size}
-    cdt = jnp.dtype(args.compute_dtype)
-    opt = alpaca.adamw_config(alpaca.Config(), 10_000)
-    step = sharding.make_train_step(mc, mesh, opt, compute_dtype=cdt, remat=args.remat == "on",
-                                    num_micro_batches=micro_batches, lora=lora)
+    step = train_step(mc, mesh, args, micro_batches, lora)
     batches = [sharding.shard_batch(alpaca.make_batch(vocab_examples, plan, k), mesh)
                for k in range(args.warmup + args.steps)]
-    params, trained, opt_state, _ = alpaca.abstract_train_inputs(mc, mesh, cdt if lora else jnp.float32,
-                                                                 plan["rows_per_step"], plan["seq_len"], lora)
+    base_dtype = jnp.dtype(args.compute_dtype) if lora else jnp.float32
+    state = sharding.abstract_state(mc, mesh, base_dtype, lora)
     t0 = time.perf_counter()
-    compiled = step.lower(trained, opt_state, batches[0], *((params,) if lora else ())).compile()
+    compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
     try:  # per device; donated parameters and state are aliased to the outputs. Best effort: may be None
         mem = compiled.memory_analysis()
@@ -195,28 +208,26 @@ def compile_jax(mc, examples, plan, args, mesh, micro_batches=1, lora=None):
     return compiled, batches, compile_s, need
 
 
-def run_jax(name, mode, mc, examples, plan, args, peaks, mesh, compiled, batches, compile_s, need, micro_batches=1,
-            lora=None):
+def run_jax(name, mode, mc, examples, plan, args, peaks, mesh, compiled, batches, compile_s, need,
+            micro_batches=1, lora=None):
     """Random parameters (with `lora`: a base in --compute_dtype and adapters) and AdamW state compiled
     straight into their sharding, then warmup + steps timed."""
     params = sharding.init_sharded_params(mc, jax.random.key(0), mesh,
                                           dtype=jnp.dtype(args.compute_dtype) if lora else jnp.float32)
-    # The step updates `trained` (all weights, or the adapters); `frozen` is the LoRA step's base argument.
-    trained, frozen = (params, ())
-    if lora:
-        trained, frozen = sharding.init_lora_params(mc, lora, jax.random.key(1), mesh), (params,)
-    opt_state = sharding.init_opt_state(trained)
+    # The step updates state["trained"]: all weights, or the adapters on the frozen base.
+    state = sharding.init_state(mc, params, lora, jax.random.key(1))
     times = []
     for k, batch in enumerate(batches):
         t0 = time.perf_counter()
-        trained, opt_state, m = compiled(trained, opt_state, batch, *frozen)
+        state, m = compiled(state, batch)
         loss = float(m["loss"])  # waits for the step
         times.append(time.perf_counter() - t0)
     if not math.isfinite(loss):
         raise RuntimeError(f"{name} {mode}: loss {loss}")
     n_dev = mesh.shape["fsdp"]
     stats = mesh.devices.flat[0].memory_stats() or {}
-    rec = summarize(name, mode, mc, examples, plan, times[args.warmup:], range(args.warmup, len(times)), peaks, n_dev)
+    rec = summarize(name, mode, mc, examples, plan, times[args.warmup:], range(args.warmup, len(times)),
+                    peaks, n_dev)
     if lora:
         rec["lora"] = {"rank": lora.rank, "alpha": lora.alpha, "targets": ",".join(lora.targets)}
     rec.update({"compile_s": round(compile_s, 2), "first_step_s": round(times[0], 3),
@@ -236,11 +247,11 @@ def time_jax(name, mc, examples, plan, args, peaks, mode, mesh=None, micro_batch
                                                                f"x {micro_batches} micro-batches"})
     lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
     compiled = compile_jax(mc, examples, plan, args, mesh, micro_batches, lora)
-    return emit(run_jax(name, mode, mc, examples, plan, args, peaks, mesh, *compiled, micro_batches=micro_batches,
-                        lora=lora))
+    return emit(run_jax(name, mode, mc, examples, plan, args, peaks, mesh, *compiled,
+                        micro_batches=micro_batches, lora=lora))
 
 
-def memory_plan(name, mc, args, mode):
+def memory_only(name, mc, args, mode):
     """XLA's per-device memory_analysis of the train step compiled for abstract inputs (nothing is allocated
     or run): mode packed, the full fine-tune (float32 weights and AdamW state, float32 gradients); mode lora,
     the frozen base in --memory_base_dtype (bfloat16: alpaca.py's default with --lora_rank) and float32
@@ -249,18 +260,17 @@ def memory_plan(name, mc, args, mode):
     assignment: an estimate of an accelerator's, not a measurement of one."""
     mesh = sharding.make_mesh()
     lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
-    params, trained, opt_state, batch = alpaca.abstract_train_inputs(
-        mc, mesh, jnp.dtype(args.memory_base_dtype) if lora else jnp.float32, args.memory_rows, args.seq_len, lora)
-    frozen = (params,) if lora else ()
-    step = sharding.make_train_step(mc, mesh, alpaca.adamw_config(alpaca.Config(), 10_000),
-                                    compute_dtype=jnp.dtype(args.compute_dtype),
-                                    num_micro_batches=args.memory_micro_batches, remat=args.remat == "on", lora=lora)
+    base_dtype = jnp.dtype(args.memory_base_dtype if lora else jnp.float32)
+    state = sharding.abstract_state(mc, mesh, base_dtype, lora)
+    step = train_step(mc, mesh, args, args.memory_micro_batches, lora)
+    batch = abstract_batch(mesh, args.memory_rows, args.seq_len)
     t0 = time.perf_counter()
-    mem = step.lower(trained, opt_state, batch, *frozen).compile().memory_analysis()
+    mem = step.lower(state, batch).compile().memory_analysis()
     return emit({"config": name, "mode": mode, "memory_only": True, "devices": mesh.shape["fsdp"],
-                 "rows": args.memory_rows, "seq_len": args.seq_len, "micro_batches": args.memory_micro_batches,
-                 "compute_dtype": args.compute_dtype, "remat": args.remat, "lora_rank": lora and lora.rank,
-                 "base_dtype": str(params["embed"].dtype), "compile_s": round(time.perf_counter() - t0, 1),
+                 "rows": args.memory_rows, "seq_len": args.seq_len,
+                 "micro_batches": args.memory_micro_batches, "compute_dtype": args.compute_dtype,
+                 "remat": args.remat, "lora_rank": lora and lora.rank, "base_dtype": str(base_dtype),
+                 "compile_s": round(time.perf_counter() - t0, 1),
                  "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
                  "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
                  "total_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
@@ -274,11 +284,13 @@ def summarize(name, mode, mc, examples, plan, times, step_ids, peaks, n_dev):
     total_t = float(np.sum(times))
     tot = {key: float(np.sum([c[key] for c in cs])) for key in ("real", "loss", "slots", "examples")}
     flops = float(np.sum([llama.train_flops(mc, c["lengths"], frozen_weights=mode == "lora") for c in cs]))
-    rec = {"config": name, "mode": mode, "params": n_params(mc), "examples_per_step": tot["examples"] / len(cs),
-           "s_per_step": round(float(np.median(times)), 4), "loss_tokens_per_s": round(tot["loss"] / total_t, 1),
-           "real_tokens_per_s": round(tot["real"] / total_t, 1), "token_slots_per_s": round(tot["slots"] / total_t, 1),
-           "real_fraction": round(tot["real"] / tot["slots"], 4), "useful_tflops": round(flops / total_t / 1e12, 5),
-           "devices": n_dev}
+    rec = {"config": name, "mode": mode, "params": n_params(mc),
+           "examples_per_step": tot["examples"] / len(cs), "s_per_step": round(float(np.median(times)), 4),
+           "loss_tokens_per_s": round(tot["loss"] / total_t, 1),
+           "real_tokens_per_s": round(tot["real"] / total_t, 1),
+           "token_slots_per_s": round(tot["slots"] / total_t, 1),
+           "real_fraction": round(tot["real"] / tot["slots"], 4),
+           "useful_tflops": round(flops / total_t / 1e12, 5), "devices": n_dev}
     return add_mfu(rec, peaks)
 
 
@@ -311,7 +323,8 @@ def time_hf(name, mc, examples, plan, args, peaks):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bf16
     sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     hc = transformers.LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
-                                  intermediate_size=mc.intermediate_size, num_hidden_layers=mc.num_hidden_layers,
+                                  intermediate_size=mc.intermediate_size,
+                                  num_hidden_layers=mc.num_hidden_layers,
                                   num_attention_heads=mc.num_attention_heads,
                                   num_key_value_heads=mc.num_key_value_heads, head_dim=mc.head_dim,
                                   tie_word_embeddings=mc.tie_word_embeddings, rms_norm_eps=mc.rms_norm_eps,
@@ -319,7 +332,8 @@ def time_hf(name, mc, examples, plan, args, peaks):
     with torch.device(dev):  # random weights made where they are used
         model = transformers.LlamaForCausalLM(hc).float().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
-    tokens, offsets, loss_start = examples["tokens"] % mc.vocab_size, examples["offsets"], examples["loss_start"]
+    tokens = examples["tokens"] % mc.vocab_size
+    offsets, loss_start = examples["offsets"], examples["loss_start"]
 
     def micro_batches(ids):
         for j in range(0, len(ids), args.hf_micro_batch):
@@ -332,8 +346,8 @@ def time_hf(name, mc, examples, plan, args, peaks):
                 ids_i = tokens[offsets[i]:offsets[i + 1]]
                 inp[r, :len(ids_i)], att[r, :len(ids_i)] = ids_i, 1
                 lab[r, loss_start[i]:len(ids_i)] = ids_i[loss_start[i]:]
-            yield (torch.from_numpy(inp).to(dev), torch.from_numpy(lab).to(dev), torch.from_numpy(att).to(dev),
-                   longest * len(chunk))
+            yield (torch.from_numpy(inp).to(dev), torch.from_numpy(lab).to(dev),
+                   torch.from_numpy(att).to(dev), longest * len(chunk))
 
     n_steps = args.warmup + args.steps
     times, slots = [], []
@@ -354,7 +368,8 @@ def time_hf(name, mc, examples, plan, args, peaks):
         sync()
         times.append(time.perf_counter() - t0)
         slots.append(s)
-    rec = summarize(name, "hf_torch", mc, examples, plan, times[args.warmup:], range(args.warmup, n_steps), peaks, 1)
+    rec = summarize(name, "hf_torch", mc, examples, plan, times[args.warmup:], range(args.warmup, n_steps),
+                    peaks, 1)
     slot_rate = float(np.sum(slots[args.warmup:])) / float(np.sum(times[args.warmup:]))
     real = rec["real_tokens_per_s"] * float(np.sum(times[args.warmup:]))  # real tokens of the timed steps
     rec.update({"token_slots_per_s": round(slot_rate, 1),
@@ -381,12 +396,14 @@ def packing_table(examples, batch_size=128):
         st = alpaca.plan_stats(plan, lengths)
         out.append(emit({"packing": True, "seq_len": T, "rows_per_step": R,
                          "examples_per_step": st["examples_per_step"],
-                         "steps_per_epoch": st["steps_per_epoch"], "packing_efficiency": st["packing_efficiency"],
+                         "steps_per_epoch": st["steps_per_epoch"],
+                         "packing_efficiency": st["packing_efficiency"],
                          "padded_to_seq_len_efficiency": round(float(lengths.mean()) / T, 4)}))
     rng = np.random.default_rng(0)
     perm = rng.permutation(len(lengths))
     # Stanford's collator: each example of a micro-batch of 4 padded to the micro-batch's longest.
-    padded = np.concatenate([np.full(len(c), c.max()) for c in np.split(lengths[perm], range(4, len(perm), 4))])
+    padded = np.concatenate([np.full(len(c), c.max())
+                             for c in np.split(lengths[perm], range(4, len(perm), 4))])
     longest4 = float(lengths.sum()) / float(padded.sum())
     out.append(emit({"packing": False, "pad_to_longest_of_4_efficiency": round(longest4, 4)}))
     return out, padded
@@ -415,11 +432,11 @@ def projection(examples, pack_rows, padded, mfu):
                     "hours": round(flops / (peak * mfu) / 3600, 2)})
     assumptions = (f"Llama-2-7B ({llama.matmul_weights(mc) / 1e9:.2f}e9 matmul parameters), {steps} steps x "
                    f"{per_step} examples "
-                   f"(mean {lengths.mean():.1f} tokens), FLOPs = 6 x params x token slots + causal attention of "
-                   f"each row; MFU {mfu:.0%} of the dense bf16 datasheet peak (TPU v3-32: 32 cores x 61.5 "
+                   f"(mean {lengths.mean():.1f} tokens), FLOPs = 6 x params x token slots + causal attention "
+                   f"of each row; MFU {mfu:.0%} of the dense bf16 datasheet peak (TPU v3-32: 32 cores x 61.5 "
                    f"TFLOP/s; 8xA100: 8 x 312 TFLOP/s); no input pipeline, checkpoint or compile time. "
-                   f"Published figures of the padded recipe: ~3.5 h (Llama 1) and ~9 h (Llama 2), at a far lower MFU: "
-                   f"compare the ratios, not the hours.")
+                   f"Published figures of the padded recipe: ~3.5 h (Llama 1) and ~9 h (Llama 2), at a far "
+                   f"lower MFU: compare the ratios, not the hours.")
     for r in out:
         emit({"projection": True, **r, "assumed_mfu": mfu})
     return out, assumptions
@@ -431,35 +448,42 @@ def projection(examples, pack_rows, padded, mfu):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default="tiny,100m", help=f"comma-separated, from {list(CONFIGS)}")
-    p.add_argument("--seq_len", type=int, default=512, help="packed row length (and --no_pack padding length)")
-    p.add_argument("--batch_size", type=int, default=0, help="examples per step; 0 = per config: "
-                                                             + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()))
+    p.add_argument("--seq_len", type=int, default=512,
+                   help="packed row length (and --no_pack padding length)")
+    p.add_argument("--batch_size", type=int, default=0,
+                   help="examples per step; 0 = per config: "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items()))
     p.add_argument("--steps", type=int, default=3,
                    help="timed steps per measurement (s/step: their median; rates: totals over total time)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
-    p.add_argument("--modes", default="", help="which of packed, no_pack, hf, lora to run; '' = packed,no_pack,hf "
-                                                "for tiny, packed,hf for the others. lora: the LoRA step on the "
-                                                "packed rows (compared with packed: the same model and batch)")
-    p.add_argument("--lora_rank", type=int, default=8, help="rank of the lora mode (alpha = rank, all seven matrices)")
+    p.add_argument("--modes", default="",
+                   help="which of packed, no_pack, hf, lora to run; '' = packed,no_pack,hf for tiny, "
+                        "packed,hf for the others. lora: the LoRA step on the packed rows (compared with "
+                        "packed: the same model and batch)")
+    p.add_argument("--lora_rank", type=int, default=8,
+                   help="rank of the lora mode (alpha = rank, all seven matrices)")
     p.add_argument("--memory_only", action="store_true",
-                   help="compile the steps of --modes (packed, lora) for --memory_rows rows of --seq_len on the "
-                        "devices here and print XLA's per-device memory_analysis; nothing is run, no data read")
+                   help="compile the steps of --modes (packed, lora) for --memory_rows rows of --seq_len on "
+                        "the devices here and print XLA's per-device memory_analysis; nothing is run, no "
+                        "data read")
     p.add_argument("--memory_rows", type=int, default=8, help="rows of a step for --memory_only")
-    p.add_argument("--memory_micro_batches", type=int, default=1, help="micro-batches of a step for --memory_only")
+    p.add_argument("--memory_micro_batches", type=int, default=1,
+                   help="micro-batches of a step for --memory_only")
     p.add_argument("--memory_base_dtype", default="bfloat16",
-                   help="--memory_only: dtype of the lora mode's frozen base (XLA:CPU turns a bfloat16 base into a "
-                        "float32 copy for its float32 matmuls: give float32 with --compute_dtype float32 to see the "
-                        "temporaries without that copy)")
+                   help="--memory_only: dtype of the lora mode's frozen base (XLA:CPU turns a bfloat16 base "
+                        "into a float32 copy for its float32 matmuls: give float32 with --compute_dtype "
+                        "float32 to see the temporaries without that copy)")
     p.add_argument("--remat", choices=("on", "off"), default="on",
-                   help="jax.checkpoint per layer, as alpaca.py trains (on); off saves the recompute where memory "
-                        "allows")
+                   help="jax.checkpoint per layer, as alpaca.py trains (on); off saves the recompute where "
+                        "memory allows")
     p.add_argument("--compute_dtype", default="",
                    help="'' = float32 on CPU (bf16 is no faster there), bfloat16 elsewhere")
     p.add_argument("--hf_micro_batch", type=int, default=4, help="Stanford's per_device_train_batch_size")
     p.add_argument("--assume_mfu", type=float, default=0.4, help="MFU assumed by the 7B projection")
     p.add_argument("--cache_dir", default=os.path.join(ROOT, ".cache"))
-    p.add_argument("--data", default=SAMPLE, help="Alpaca records (path or URL); Stanford's alpaca_data.json for "
-                                                 "the real lengths; default: the 2,000-record sample in tests/assets")
+    p.add_argument("--data", default=SAMPLE,
+                   help="Alpaca records (path or URL); Stanford's alpaca_data.json for the real lengths; "
+                        "default: the 2,000-record sample in tests/assets")
     args = p.parse_args(argv)
     if not args.compute_dtype:
         args.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -468,24 +492,27 @@ def main(argv=None):
         for name in args.configs.split(","):
             mc = dataclasses.replace(CONFIGS[name], max_position_embeddings=max(args.seq_len, 2048))
             for mode in (args.modes or "packed,lora").split(","):
-                r = memory_plan(name, mc, args, mode)
+                r = memory_only(name, mc, args, mode)
                 print(f"{name} {mode}: {r['devices']} device(s), {r['rows']} rows x {r['seq_len']} in "
-                      f"{r['micro_batches']} pass(es): arguments {r['argument_bytes'] / 1e9:.2f} GB + temporaries "
-                      f"{r['temp_bytes'] / 1e9:.2f} GB (+ outputs not aliased to arguments) = "
-                      f"{r['total_bytes'] / 1e9:.2f} GB per device (XLA:{jax.default_backend().upper()} buffer assignment)")
+                      f"{r['micro_batches']} pass(es): arguments {r['argument_bytes'] / 1e9:.2f} GB + "
+                      f"temporaries {r['temp_bytes'] / 1e9:.2f} GB (+ outputs not aliased to arguments) = "
+                      f"{r['total_bytes'] / 1e9:.2f} GB per device (XLA:{jax.default_backend().upper()} "
+                      "buffer assignment)")
         return
 
     t_start = time.time()
     import jaxlib
     dev = jax.devices()[0]
-    env = emit({"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    env = emit({"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+                "cores": os.cpu_count(),
                 "backend": jax.default_backend(), "device": getattr(dev, "device_kind", str(dev)),
                 "devices": jax.device_count(), "date": datetime.date.today().isoformat(),
                 "jax": jax.__version__, "jaxlib": jaxlib.__version__, "python": platform.python_version(),
                 "load_average_1min": round(os.getloadavg()[0], 2), "args": vars(args)})
     examples, info = load_examples(args.data, args.cache_dir)
     emit({"examples": info})
-    peaks = {"measured": matmul_peak(jnp.dtype(args.compute_dtype)), "datasheet": datasheet_peak(args.compute_dtype)}
+    peaks = {"measured": matmul_peak(jnp.dtype(args.compute_dtype)),
+             "datasheet": datasheet_peak(args.compute_dtype)}
     emit({"matmul_peak_tflops_measured": round(peaks["measured"] / 1e12, 4), "dtype": args.compute_dtype,
           "datasheet_peak_tflops": peaks["datasheet"] and peaks["datasheet"] / 1e12})
 
@@ -494,7 +521,8 @@ def main(argv=None):
         mc = dataclasses.replace(CONFIGS[name], max_position_embeddings=max(args.seq_len, 2048))
         bs = args.batch_size or DEFAULT_BATCH.get(name, 8)
         modes = (args.modes or DEFAULT_MODES.get(name, "packed,hf")).split(",")
-        packed, padded = step_plans(examples, batch_size=bs, seq_len=args.seq_len, steps=args.warmup + args.steps)
+        packed, padded = step_plans(examples, batch_size=bs, seq_len=args.seq_len,
+                                    steps=args.warmup + args.steps)
         if "packed" in modes:
             results.append(time_jax(name, mc, examples, packed, args, peaks, "packed"))
         if "lora" in modes:
@@ -537,7 +565,8 @@ def main(argv=None):
             continue
         mem = r.get("step_memory_bytes") or r.get("process_max_rss_bytes")
         print(f"{r['config']:7} {r['mode']:9} {r['examples_per_step']:7.1f} {r['s_per_step']:8.3f} "
-              f"{r['loss_tokens_per_s']:10,.0f} {r['real_tokens_per_s']:10,.0f} {r['token_slots_per_s']:9,.0f} "
+              f"{r['loss_tokens_per_s']:10,.0f} {r['real_tokens_per_s']:10,.0f} "
+              f"{r['token_slots_per_s']:9,.0f} "
               f"{100 * r['real_fraction']:5.1f}% {100 * r['mfu_vs_measured']:5.1f}% "
               f"{r.get('compile_s', float('nan')):9.1f} {mem / 2**20:9.0f}")
     by = {(r["config"], r["mode"]): r for r in results if "skipped" not in r}
@@ -546,17 +575,18 @@ def main(argv=None):
         for other in ("no_pack", "hf_torch"):
             o = by.get((name, other))
             if pk and o:
+                rates = ("loss_tokens_per_s", "real_tokens_per_s")
                 ratio = emit({"config": name, "ratio": f"packed / {other}",
-                              "loss_tokens_per_s": round(pk["loss_tokens_per_s"] / o["loss_tokens_per_s"], 2),
-                              "real_tokens_per_s": round(pk["real_tokens_per_s"] / o["real_tokens_per_s"], 2)})
+                              **{k: round(pk[k] / o[k], 2) for k in rates}})
                 print(f"{name}: packed is {ratio['loss_tokens_per_s']:.2f}x {other} in loss tokens/s, "
                       f"{ratio['real_tokens_per_s']:.2f}x in real tokens/s")
         lo = by.get((name, "lora"))
         if pk and lo:
             ratio = emit({"config": name, "ratio": "lora / packed",
                           "s_per_step": round(lo["s_per_step"] / pk["s_per_step"], 3)})
-            print(f"{name}: a LoRA step (rank {args.lora_rank}, all seven matrices) takes {ratio['s_per_step']:.2f}x "
-                  f"the time of a full fine-tune step on the same rows (median s/step)")
+            print(f"{name}: a LoRA step (rank {args.lora_rank}, all seven matrices) takes "
+                  f"{ratio['s_per_step']:.2f}x the time of a full fine-tune step on the same rows "
+                  "(median s/step)")
     print("\npacking (alpaca.py planner, 128 examples a step): " + "; ".join(
         f"{r['seq_len']}: {r['rows_per_step']} rows, {100 * r['packing_efficiency']:.1f}% real"
         for r in pack_rows[:-1]) + f"; Stanford's pad to longest of 4: {100 * longest4:.1f}% real")
@@ -567,8 +597,8 @@ def main(argv=None):
     for name in args.configs.split(","):
         pk, hf = by.get((name, "packed")), by.get((name, "hf_torch"))
         if pk and hf:
-            print(f"{name}: packed loss tokens/s are {pk['loss_tokens_per_s'] / hf['loss_tokens_per_s']:.2f}x "
-                  "HF/PyTorch's with Stanford's collator")
+            ratio = pk["loss_tokens_per_s"] / hf["loss_tokens_per_s"]
+            print(f"{name}: packed loss tokens/s are {ratio:.2f}x HF/PyTorch's with Stanford's collator")
     print(f"\nbenchmark took {time.time() - t_start:.0f} s")
 
 

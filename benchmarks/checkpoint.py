@@ -3,15 +3,17 @@
     .venv/bin/python benchmarks/checkpoint.py                      # ~100M on CPU, about 2 minutes on 2 cores
     .venv/bin/python benchmarks/checkpoint.py --out /mnt/gcs/bench # the storage a pod would write to
 
-The real FSDP train step (sharding.make_train_step, AdamW) of a config of bench.py on random weights and
-random tokens (--rows rows of 512 tokens a step; the stall does not depend on the data, so none is read),
-then --checkpoints rounds of:
+The real FSDP train step (alpaca.make_step, AdamW) of a config of bench.py on random weights and random
+tokens (--rows rows of 512 tokens a step; the stall does not depend on the data, so none is read), then
+--checkpoints rounds of:
   a plain step;
-  sync   alpaca.save_checkpoint: the whole write (files, fsync, commit) before the next step;
+  sync   alpaca.start_checkpoint + alpaca.finish_checkpoint + alpaca.remove_uncommitted, as the training
+         loop writes its last checkpoint: the whole write (files, fsync, commit, pruning) before the next
+         step;
   a plain step;
   async  alpaca.start_checkpoint (the copy of the slices to host memory), steps until the background
          write has finished, then alpaca.finish_checkpoint (the commit).
-The stall of a checkpoint is how long the training loop waits for it: save_checkpoint's time written
+The stall of a checkpoint is how long the training loop waits for it: the whole write's time written
 synchronously; the copy plus the commit written in the background. Reported apart: how long the steps
 that ran beside the writer thread took against the plain steps of the same rounds (on a CPU the thread
 and the step share the cores). One JSON line per round, then a summary with medians. Also printed: the
@@ -31,40 +33,48 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 import alpaca  # noqa: E402
 import sharding  # noqa: E402
 from bench import CONFIGS, emit, n_params  # noqa: E402
 
 
+def saved(state):
+    """What a checkpoint holds of the training state (alpaca.SAVED: the trained weights and AdamW's state)."""
+    return {k: state[k] for k in alpaca.SAVED}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="100m", help=f"one of {list(CONFIGS)}")
     p.add_argument("--rows", type=int, default=1, help="rows of 512 tokens a step")
-    p.add_argument("--checkpoints", type=int, default=3, help="checkpoints of each kind (the median is reported)")
-    p.add_argument("--out", default="", help="where to write ('' = a temporary directory, removed at the end)")
+    p.add_argument("--checkpoints", type=int, default=3,
+                   help="checkpoints of each kind (the median is reported)")
+    p.add_argument("--out", default="",
+                   help="where to write ('' = a temporary directory, removed at the end)")
     args = p.parse_args(argv)
 
     mc, mesh = CONFIGS[args.config], sharding.make_mesh()
     R, T = args.rows * mesh.shape["fsdp"], 512
     tokens = np.random.default_rng(0).integers(0, mc.vocab_size, (R, T + 1), dtype=np.int32)
     batch = sharding.shard_batch({"tokens": tokens[:, :-1], "targets": tokens[:, 1:],
-                                  "loss_mask": np.ones((R, T), np.float32), "segment_ids": np.ones((R, T), np.int32),
+                                  "loss_mask": np.ones((R, T), np.float32),
+                                  "segment_ids": np.ones((R, T), np.int32),
                                   "positions": np.tile(np.arange(T, dtype=np.int32), (R, 1))}, mesh)
-    state = {"params": sharding.init_sharded_params(mc, jax.random.key(0), mesh)}
-    state["opt_state"] = sharding.init_opt_state(state["params"])
-    step_fn = sharding.make_train_step(mc, mesh, alpaca.adamw_config(alpaca.Config(), 10_000),
-                                       compute_dtype=jnp.float32)
+    params = sharding.init_sharded_params(mc, jax.random.key(0), mesh)
+    now = {"state": sharding.init_state(mc, params)}  # what the latest step returned
+    del params  # the state holds them, and the step donates it
+    step_fn = alpaca.make_step(alpaca.Config(compute_dtype="float32"), mc, None, mesh, 10_000, 1)
     out = args.out or tempfile.mkdtemp(prefix="checkpoint-bench-")
-    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    emit({"config": args.config, "parameters": n_params(mc), "checkpoint_bytes": nbytes, "devices": jax.device_count(),
-          "rows": R, "seq_len": T, "out": out, "cores": os.cpu_count(), "jax": jax.__version__,
-          "load_average_1min": round(os.getloadavg()[0], 2)})
+    c = alpaca.Config(out=out, keep_checkpoints=1)  # what finish_checkpoint reads of the flags
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(saved(now["state"])))
+    emit({"config": args.config, "parameters": n_params(mc), "checkpoint_bytes": nbytes,
+          "devices": jax.device_count(), "rows": R, "seq_len": T, "out": out, "cores": os.cpu_count(),
+          "jax": jax.__version__, "load_average_1min": round(os.getloadavg()[0], 2)})
 
     def step():
         t0 = time.perf_counter()
-        state["params"], state["opt_state"], m = step_fn(state["params"], state["opt_state"], batch)
+        now["state"], m = step_fn(now["state"], batch)
         float(m["loss"])  # waits for the step
         return time.perf_counter() - t0
 
@@ -73,18 +83,19 @@ def main(argv=None):
     for k in range(args.checkpoints):
         plain = [step()]
         t0 = time.perf_counter()
-        alpaca.save_checkpoint(out, 2 * k + 1, state, {}, keep=1)
+        alpaca.finish_checkpoint(alpaca.start_checkpoint(out, 2 * k + 1, saved(now["state"])), c, {})
+        alpaca.remove_uncommitted(out)  # the pruned checkpoint's files
         sync = time.perf_counter() - t0
 
         plain.append(step())
         t0 = time.perf_counter()
-        pending = alpaca.start_checkpoint(out, 2 * k + 2, state)
+        pending = alpaca.start_checkpoint(out, 2 * k + 2, saved(now["state"]))  # (step, thread, errors)
         copy = time.perf_counter() - t0
         beside = []
-        while pending.thread.is_alive():
+        while pending[1].is_alive():
             beside.append(step())
         t0 = time.perf_counter()
-        alpaca.finish_checkpoint(pending, out, {}, keep=1)
+        alpaca.finish_checkpoint(pending, c, {})
         commit = time.perf_counter() - t0
         rounds.append(emit({"sync_stall_s": round(sync, 3), "async_stall_s": round(copy + commit, 3),
                             "copy_s": round(copy, 3), "commit_s": round(commit, 3),
@@ -93,7 +104,8 @@ def main(argv=None):
     if not args.out:
         shutil.rmtree(out)
 
-    sync_s, async_s = (round(float(np.median([r[k] for r in rounds])), 3) for k in ("sync_stall_s", "async_stall_s"))
+    sync_s, async_s = (round(float(np.median([r[k] for r in rounds])), 3)
+                       for k in ("sync_stall_s", "async_stall_s"))
     plain_s = float(np.mean([t for r in rounds for t in r["plain_steps_s"]]))
     beside_s = float(np.mean([t for r in rounds for t in r["steps_beside_the_write_s"]] or [np.nan]))
     seven_b = n_params(CONFIGS["llama2-7b"]) * 12  # float32 parameters + AdamW's two moments
@@ -101,11 +113,13 @@ def main(argv=None):
           "plain_step_s": round(plain_s, 3), "step_beside_the_write_s": round(beside_s, 3),
           "llama2_7b_checkpoint_bytes": seven_b, "llama2_7b_host_copy_bytes_per_host_v3_32": seven_b // 4,
           "load_average_1min": round(os.getloadavg()[0], 2)})
-    print(f"\n{args.config} ({nbytes / 1e9:.2f} GB of parameters and AdamW state): a checkpoint stalls training "
-          f"{sync_s:.2f} s written synchronously, {async_s:.2f} s in the background ({100 * async_s / sync_s:.0f}%; "
-          f"medians of {args.checkpoints}). Steps beside a background write: {beside_s:.2f} s on average, plain "
-          f"steps {plain_s:.2f} s. Llama-2-7B: {seven_b / 1e9:.0f} GB a checkpoint, {seven_b / 4e9:.1f} GB of host "
-          "memory per host on a v3-32 (4 hosts) for a background write.")
+    print(f"\n{args.config} ({nbytes / 1e9:.2f} GB of parameters and AdamW state): a checkpoint stalls "
+          f"training {sync_s:.2f} s written synchronously, {async_s:.2f} s in the background "
+          f"({100 * async_s / sync_s:.0f}%; medians of {args.checkpoints}). Steps beside a background write: "
+          f"{beside_s:.2f} s on average, plain steps {plain_s:.2f} s. Llama-2-7B: {seven_b / 1e9:.0f} GB a "
+          f"checkpoint, {seven_b / 4e9:.1f} GB of host memory per host on a v3-32 (4 hosts) for a background "
+          "write.")
+
 
 if __name__ == "__main__":
     main()

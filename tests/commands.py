@@ -1,8 +1,9 @@
 """The short training command that tests/test_train.py, tests/test_lora.py and tests/test_multihost.py run in
 subprocesses: the real stories260K model on 48 real Alpaca records, 6 float32 steps of 8 rows x 256 tokens,
 rows planned for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same
-batches. Every subprocess runs with NO_DIR_RENAME on its PYTHONPATH: renaming a directory fails there, as on a
-Cloud Storage FUSE mount, so every training, checkpoint, resume, pruning and export of the tests is done without."""
+batches. Every subprocess runs with FAULTS on its PYTHONPATH: renaming a directory fails there, as on a Cloud
+Storage FUSE mount, so every training, checkpoint, resume, pruning and export of the tests is done without; and
+CRASH_AT=... in its environment kills it at a given moment (see faults/sitecustomize.py)."""
 
 import json
 import os
@@ -14,7 +15,7 @@ ASSETS = os.path.join(ROOT, "tests", "assets")
 STORIES = os.path.join(ASSETS, "stories260K")
 SAMPLE = os.path.join(ASSETS, "alpaca", "alpaca_sample_2000.json")
 STEPS = 6
-NO_DIR_RENAME = os.path.join(ROOT, "tests", "no_dir_rename")  # its sitecustomize.py refuses directory renames
+FAULTS = os.path.join(ROOT, "tests", "faults")  # its sitecustomize.py refuses directory renames, injects crashes
 
 
 def write_data(workdir, n=48):
@@ -41,7 +42,7 @@ def env_for(devices, workdir, **extra):
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = NO_DIR_RENAME
+    env["PYTHONPATH"] = FAULTS
     # The same program compiles once for all subprocesses of the test session.
     env["JAX_COMPILATION_CACHE_DIR"] = str(workdir.parent / "jax-cache")
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"

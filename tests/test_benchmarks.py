@@ -39,7 +39,8 @@ def test_every_run_reports_sane_rates_mfu_and_memory(small):
     assert not s["failed"]
     assert s["env"]["backend"] == "cpu" and s["env"]["compute_dtype"] == "float32"
     assert "tests/assets" in s["env"]["examples"]["data"]  # the sample, and it says so
-    assert 0 < s["matmul_peak_tflops_measured"] and s["datasheet_peak_tflops"] is None  # no datasheet for a CPU
+    # No datasheet peak for a CPU.
+    assert 0 < s["matmul_peak_tflops_measured"] and s["datasheet_peak_tflops"] is None
     runs = {r["mode"]: r for r in s["runs"]}
     assert set(runs) == JAX_MODES | {"hf_torch"}
     for mode, r in runs.items():
@@ -48,7 +49,8 @@ def test_every_run_reports_sane_rates_mfu_and_memory(small):
         assert 0 < r["mfu_vs_measured"] <= 1 and r["mfu_vs_datasheet"] is None, mode
         if mode in JAX_MODES:
             assert r["fits"] and r["compile_s"] > 0 and r["step_memory_bytes"] > 0, mode
-    # Packing fills rows with real tokens; padding every example to 256 does not; Stanford's collator is between.
+    # Packing fills rows with real tokens; padding every example to 256 does not; Stanford's collator is
+    # between.
     assert runs["packed, remat on"]["real_fraction"] > 0.9 > runs["hf_torch"]["real_fraction"] \
         > runs["no_pack (pad 256)"]["real_fraction"]
     # Without remat the step keeps every layer's activations: more memory.
@@ -81,7 +83,8 @@ def test_a_step_over_the_memory_limit_is_not_run_and_a_smaller_setting_is(small)
     limit = int(0.9 * need)
     _, recs = run(tmp, "--part", "7b", "--memory_limit_gb", str(limit / 1e9))
     first = next(r for r in recs if r.get("mode") == "one device")
-    assert first["micro_batches"] == 1 and not first["fits"] and "s_per_step" not in first and "GB" in first["why"]
+    assert first["micro_batches"] == 1 and not first["fits"] and "s_per_step" not in first
+    assert "GB" in first["why"]
     fit = next(r for r in recs if "fit_on_one_device" in r)
     best = fit["largest_fit"]  # one row per micro-batch, or fewer layers: within the limit, and it ran
     assert best["step_memory_bytes"] <= limit and best["s_per_step"] > 0
@@ -96,7 +99,8 @@ def test_train_flops_counts_query_heads_for_attention_and_kv_heads_for_weights()
     c = llama.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
                           num_attention_heads=8, num_key_value_heads=2, head_dim=8)
     shapes = llama.param_shapes(c)["layers"]
-    matmul = sum(int(np.prod(shapes[k])) for k in ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")) + 64 * 100
+    matrices = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+    matmul = sum(int(np.prod(shapes[k])) for k in matrices) + 64 * 100
     assert llama.matmul_weights(c) == matmul
     # Two examples, 3 tokens (6 causal pairs) and 1 token (1 pair). A pair costs 2 matmuls x 2 FLOPs x H E per
     # layer forward, 3 times that with the backward; kv heads (2) do not enter.

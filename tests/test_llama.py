@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,7 +105,7 @@ def test_save_hf_round_trip_loads_in_transformers(hf_checkpoint, tmp_path):
 
 
 def test_save_hf_replaces_an_existing_export_without_renaming_directories(tmp_path, monkeypatch):
-    from no_dir_rename.sitecustomize import files_only
+    from faults.sitecustomize import files_only
     for name in ("rename", "replace"):  # as on a Cloud Storage FUSE mount
         monkeypatch.setattr(os, name, files_only(getattr(os, name)))
     c, params = llama.load_hf(STORIES)
@@ -242,12 +243,11 @@ def test_config_layouts():
     assert v4 == v5 and v4.rope_theta == 500000.0
     assert v4.num_key_value_heads == 4 and v4.head_dim == 4  # defaults: MHA, D / H
     assert llama.LlamaConfig.from_hf(v4.to_hf()) == v4
-    mistral = llama.LlamaConfig.from_hf(dict(BASE, model_type="mistral", num_key_value_heads=2, sliding_window=4096))
-    assert mistral.sliding_window == 4096 and mistral.num_key_value_heads == 2
 
 
 @pytest.mark.parametrize("field,value", [
-    ("model_type", "gpt2"), ("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True),
+    ("model_type", "gpt2"), ("model_type", "mistral"), ("hidden_act", "gelu"), ("attention_bias", True),
+    ("mlp_bias", True),
     ("rope_scaling", {"rope_type": "linear", "factor": 2.0}),
     ("rope_parameters", {"rope_type": "llama3", "rope_theta": 5e5}), ("num_key_value_heads", 3),
 ])
@@ -299,6 +299,33 @@ def test_bad_checkpoints_raise_clear_errors(stories_copy, tmp_path):
         llama.load_hf(d)
 
 
+def test_damaged_files_are_named_not_tracebacks(stories_copy):
+    d = str(stories_copy)
+    weights, config = os.path.join(d, "model.safetensors"), os.path.join(d, "config.json")
+    # A model.safetensors cut short (a copy or download that stopped): the error names the file.
+    os.truncate(weights, os.path.getsize(weights) // 2)
+    cut = "^" + re.escape(weights) + r": cannot read this safetensors file \(it is cut or damaged: .+\)$"
+    for load in (llama.load_hf, llama.check_checkpoint):
+        with pytest.raises(llama.CheckpointError, match=cut):
+            load(d)
+    # A config.json that is not JSON.
+    shutil.copy(os.path.join(STORIES, "model.safetensors"), weights)
+    good_config = open(config, "rb").read()
+    with open(config, "wb") as f:
+        f.write(b"\x00\x9f{garbage")
+    for load in (llama.load_hf, llama.check_checkpoint, llama.read_config):
+        with pytest.raises(llama.CheckpointError, match="^" + re.escape(config) + ": not valid JSON"):
+            load(d)
+    # A sharded checkpoint whose index is not JSON.
+    with open(config, "wb") as f:
+        f.write(good_config)
+    index = os.path.join(d, "model.safetensors.index.json")
+    with open(index, "w") as f:
+        f.write('{"weight_map": {"model.norm.weight": "model.safetensors",')  # cut mid-file
+    with pytest.raises(llama.CheckpointError, match="^" + re.escape(index) + ": not valid JSON"):
+        llama.load_hf(d)
+
+
 def test_old_checkpoints_with_rotary_buffers_load(stories_copy):
     d = str(stories_copy)
     _edit_tensors(d, lambda t: t.update({"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(4, np.float32)}))
@@ -318,17 +345,22 @@ def test_compare_command_reports_parity():
 def test_generation_arguments_are_checked():
     c, params = llama.load_hf(STORIES)
     prompt = jnp.asarray([[1, 403, 407]])
-    for bad in (dict(top_p=0.0), dict(temperature=-1.0), dict(max_new_tokens=0)):
-        with pytest.raises(ValueError, match="generate: need"):
+    # Each message names the argument as the command line does (alpaca.py prefixes "--").
+    for bad, message in ((dict(top_p=0.0), "top_p must be in (0, 1], got 0.0"),
+                         (dict(temperature=-1.0), "temperature must be >= 0 (0 = greedy), got -1.0"),
+                         (dict(max_new_tokens=0), "max_new_tokens must be at least 1, got 0")):
+        with pytest.raises(ValueError) as e:
             llama.generate(params, prompt, c, **{"max_new_tokens": 4, **bad})
+        assert str(e.value) == message
+    # Generating past the positions the model was trained on is refused, not silently wrong.
+    P = c.max_position_embeddings
+    with pytest.raises(ValueError) as e:
+        llama.generate(params, prompt, c, max_new_tokens=P - 2)
+    assert str(e.value) == (f"the prompt (3 tokens) + max_new_tokens ({P - 2}) exceeds the model's "
+                            f"max_position_embeddings ({P})")
     # The nucleus always keeps the most likely token, however small top_p is.
     logits = jnp.log(jnp.asarray([[0.05, 0.5, 0.3, 0.15]]))
     assert int(llama.sample_token(logits, jax.random.PRNGKey(0), 1.0, 1e-12)[0]) == 1
-    # A Mistral-style sliding window is not implemented: generating past it is refused, not silently wrong.
-    import dataclasses
-    windowed = dataclasses.replace(c, model_type="mistral", sliding_window=16)
-    with pytest.raises(ValueError, match="sliding_window=16"):
-        llama.generate(params, prompt, windowed, max_new_tokens=14)
 
 
 def test_compare_without_tokenizer_is_a_clear_error(stories_copy, capsys):

@@ -22,7 +22,7 @@ import time
 import numpy as np
 import pytest
 
-from commands import NO_DIR_RENAME, ROOT, STEPS, STORIES, committed, logged_step, run_args, write_data
+from commands import FAULTS, ROOT, STEPS, STORIES, committed, logged_step, run_args, write_data
 
 LOSS_ATOL, PARAM_ATOL = 5e-6, 2e-5  # 2 processes vs 1, float32: ~10x what was measured (see above)
 DEATH_NOTICE_S = 30  # how long a survivor may take to stop after its peer died (measured: < 1 s; 4 s frozen)
@@ -39,7 +39,7 @@ def base_env(workdir, devices):
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
                HF_HUB_OFFLINE="1", JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax-cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=NO_DIR_RENAME)
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", PYTHONPATH=FAULTS)
     return env
 
 
@@ -130,16 +130,15 @@ def export(out):
 
 
 def read_checkpoint(path):
-    """{name: (whole array, files that hold part of it)} from every process_*.bin of a checkpoint, through
-    its index (process_*.json). Every element must be there; one written twice (the replicated step count,
-    in every file) must agree."""
+    """{name: (whole array, files that hold part of it)} from every process_*.safetensors of a checkpoint, whose
+    tensors are slices named NAME@START. Every element must be there; one written twice (the replicated step
+    count, in every file) must agree."""
+    from safetensors.numpy import load_file
     pieces = {}
-    for index in sorted(glob.glob(os.path.join(path, "process_*.json"))):
-        f = index[:-len(".json")] + ".bin"
-        data = open(f, "rb").read()
-        for p in json.load(open(index))["pieces"]:
-            arr = np.frombuffer(data, np.dtype(p["dtype"]), int(np.prod(p["shape"])), p["offset"]).reshape(p["shape"])
-            pieces.setdefault(p["name"], []).append((os.path.basename(f), p["start"], arr))
+    for f in sorted(glob.glob(os.path.join(path, "process_*.safetensors"))):
+        for key, arr in load_file(f).items():
+            name, _, start = key.rpartition("@")
+            pieces.setdefault(name, []).append((os.path.basename(f), [int(x) for x in start.split(",") if x], arr))
     whole = {}
     for name, parts in pieces.items():
         shape = np.max([np.add(start, d.shape) for _, start, d in parts], axis=0) if parts[0][2].ndim else ()
@@ -197,8 +196,7 @@ def test_two_processes_compute_what_one_does(reference, pair_run):
     # The last checkpoint: one file per process, each with only its devices' slices, together the same
     # parameters and AdamW state as the single process's.
     ckpt = out / "checkpoints" / f"step_{STEPS:08d}"
-    assert sorted(os.listdir(ckpt)) == ["meta.json", "process_00000.bin", "process_00000.json",
-                                        "process_00001.bin", "process_00001.json"]
+    assert sorted(os.listdir(ckpt)) == ["meta.json", "process_00000.safetensors", "process_00001.safetensors"]
     meta = json.load(open(ckpt / "meta.json"))
     assert (meta["processes"], meta["devices"], meta["step"], meta["data_parallel"]) == (2, 8, STEPS, 8)
     ours = read_checkpoint(ckpt)
@@ -206,15 +204,16 @@ def test_two_processes_compute_what_one_does(reference, pair_run):
     assert sorted(ours) == sorted(theirs)
     for name, (arr, files) in ours.items():
         if arr.ndim:  # sharded over the 8 devices: half of it in each process's file
-            assert files == {"process_00000.bin", "process_00001.bin"}, name
+            assert files == {"process_00000.safetensors", "process_00001.safetensors"}, name
         np.testing.assert_allclose(arr, theirs[name][0], rtol=0, atol=PARAM_ATOL, err_msg=name)
 
 
 def test_crash_during_a_checkpoint_stops_the_other_and_a_fresh_pair_resumes(workdir, pair_run, procs):
     out = workdir / "crash"
-    # Process 1 is SIGKILLed in its writer thread once its files of checkpoint 4 are written, before the
+    # Process 1 is SIGKILLed in its writer thread as it puts its file of checkpoint 4 in place, before the
     # commit.
-    p0, p1 = start_pair(procs, workdir, out, env1={"ALPACA_CRASH_AT": "checkpoint-4"})
+    p0, p1 = start_pair(procs, workdir, out,
+                        env1={"CRASH_AT": "os.rename:step_00000004/process_00001.safetensors:1:SIGKILL"})
     assert wait([p1]) == [-signal.SIGKILL], log_of(p1)[-3000:]
     wait_survivor(p0)
     log = log_of(p0)
@@ -235,20 +234,20 @@ def test_crash_during_a_checkpoint_stops_the_other_and_a_fresh_pair_resumes(work
 
 
 def test_a_run_continues_on_8_then_4_then_1_device_then_on_2_processes_x_2(workdir, reference, procs):
-    # Each stage stops itself with a SIGTERM after a given step (a synchronous checkpoint, exit 143); the next
-    # stage resumes on another layout. --data_parallel 0: the data plan comes from the checkpoint. Measured
+    # Each stage gets a SIGTERM as it logs a given step (a synchronous checkpoint, exit 143; faults/
+    # sitecustomize.py sends it); the next stage resumes on another layout. --data_parallel 0: the data plan comes from the checkpoint. Measured
     # against the 8-device run: losses within 2.4e-7, final parameters within 1.2e-7 (float32 summation
     # order); asserted to LOSS_ATOL and PARAM_ATOL.
     out = workdir / "layouts"
     cmd = [sys.executable, os.path.join(ROOT, "alpaca.py"), *run_args(workdir, out, "--data_parallel", "0")]
-    written_by = None
+    written_by, start = None, 0
     for devices, stop in ((8, 2), (4, 4), (1, 5)):
-        env = dict(base_env(workdir, devices), ALPACA_CRASH_AT=f"step-{stop}:SIGTERM")
+        env = dict(base_env(workdir, devices), CRASH_AT=f"open:metrics.jsonl:{stop - start}:SIGTERM")
         p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert p.returncode == 143, p.stdout + p.stderr
         assert f"{devices} device(s)" in p.stdout and committed(out)[-1] == f"step_{stop:08d}"
         assert written_by is None or f"written by {written_by})" in p.stdout
-        written_by = f"1 process(es) x {devices} devices"
+        written_by, start = f"1 process(es) x {devices} devices", stop
     ps = start_pair(procs, workdir, out, "--data_parallel", "0", devices=2)
     assert wait(ps) == [0, 0], log_of(ps[0])[-3000:] + log_of(ps[1])[-3000:]
     assert "written by 1 process(es) x 1 devices" in log_of(ps[0]) and "4 device(s)" in log_of(ps[0])
@@ -307,7 +306,7 @@ def test_sigterm_to_one_process_checkpoints_on_both(workdir, pair_run, procs):
     saved = committed(out)
     assert len(saved) == 1 and 1 <= int(saved[0][5:]) < STEPS
     assert sorted(os.listdir(out / "checkpoints" / saved[0])) == \
-        ["meta.json", "process_00000.bin", "process_00000.json", "process_00001.bin", "process_00001.json"]
+        ["meta.json", "process_00000.safetensors", "process_00001.safetensors"]
 
 
 def test_out_that_the_processes_do_not_share_is_refused(workdir, procs):
@@ -345,10 +344,9 @@ devices = sorted(jax.devices(), key=lambda d: (d.id % jax.local_device_count(), 
 sharding = NamedSharding(Mesh(np.array(devices), ("data",)), P("data", None))
 ex, _ = alpaca.tokenize_records(alpaca.load_records(sys.argv[1]), alpaca.load_tokenizer(sys.argv[2]), 256)
 plan = alpaca.plan_steps(alpaca.example_lengths(ex), seed=0, rows_per_step=8, seq_len=256, steps=3)
-rows = alpaca.process_rows(sharding, 8, 256)
-print("rows", rows)
+print("rows", sorted(i[0].indices(8)[:2] for i in sharding.addressable_devices_indices_map((8, 256)).values()))
 for k in range(3):
-    g = alpaca.global_batch(alpaca.process_batch(ex, plan, k, rows), sharding, 8, 256)
+    g = alpaca.host_batch(ex, plan, sharding, k)
     full = alpaca.make_batch(ex, plan, k)
     for key, arr in g.items():
         assert np.array_equal(multihost_utils.process_allgather(arr, tiled=True), full[key]), (k, key)
@@ -364,3 +362,15 @@ def test_rows_of_interleaved_processes(workdir, procs):
     assert "rows [(0, 1), (2, 3), (4, 5), (6, 7)]" in log_of(ps[0])
     assert "rows [(1, 2), (3, 4), (5, 6), (7, 8)]" in log_of(ps[1])
     assert "equal" in log_of(ps[0]) and "equal" in log_of(ps[1])
+
+
+def test_a_process_started_alone_stops_in_bounded_time_saying_why(workdir, procs):
+    env = dict(base_env(workdir, 4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
+               JAX_PROCESS_ID="0", JAX_INIT_TIMEOUT="5")
+    p = start(procs, [sys.executable, os.path.join(ROOT, "alpaca.py"), *run_args(workdir, workdir / "alone")],
+              env, workdir / "alone.log")
+    seconds = wait_survivor(p, timeout=5 + DEATH_NOTICE_S)
+    assert p.returncode != 0
+    assert "process 0 of 2: joining the others" in log_of(p) and "DEADLINE_EXCEEDED" in log_of(p)
+    assert not os.path.exists(workdir / "alone" / "checkpoints")
+    print(f"a process started alone stopped after {seconds:.1f} s")

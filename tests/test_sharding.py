@@ -55,16 +55,17 @@ def host_params(config=CONFIG, seed=0):
 
 def run_sharded(n_devices, batch, *, config=CONFIG, num_micro_batches=1, steps=STEPS):
     mesh = sharding.make_mesh(devices=jax.devices()[:n_devices])
-    params = sharding.shard_params(host_params(config), mesh)
-    opt_state = sharding.init_opt_state(params)
+    state = sharding.init_state(config, sharding.shard_params(host_params(config), mesh))
     step = sharding.make_train_step(config, mesh, OPT, compute_dtype=jnp.float32,
                                     num_micro_batches=num_micro_batches)
     sharded_batch = sharding.shard_batch(batch, mesh)
     metrics = []
     for _ in range(steps):
-        params, opt_state, m = step(params, opt_state, sharded_batch)
+        state, m = step(state, sharded_batch)
         metrics.append({k: float(v) for k, v in m.items()})
-    return dict(mesh=mesh, params=params, opt_state=opt_state, metrics=metrics, step=step, batch=sharded_batch)
+    assert state["frozen"] == {}  # a full fine-tune trains every weight
+    return dict(mesh=mesh, params=state["trained"], opt_state=state["opt_state"], metrics=metrics, step=step,
+                batch=sharded_batch)
 
 
 def optax_steps(start, mean_loss, steps=STEPS, decay_mask=None):
@@ -197,8 +198,8 @@ def test_compiled_step_has_fsdp_collectives(eight):
     (XLA:CPU rewrites bf16 collectives into f32 ones when it compiles, so dtypes are read before that.)"""
     mesh = eight["mesh"]
     step = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.bfloat16)
-    params = sharding.shard_params(host_params(), mesh)
-    lowered = step.lower(params, sharding.init_opt_state(params), eight["batch"])
+    state = sharding.init_state(CONFIG, sharding.shard_params(host_params(), mesh))
+    lowered = step.lower(state, eight["batch"])
 
     text = lowered.as_text()
     gathered = re.findall(r'stablehlo\.all_gather"[^\n]*-> tensor<([0-9x]+)x(\w+)>', text)
@@ -212,7 +213,7 @@ def test_compiled_step_has_fsdp_collectives(eight):
     # remat the backward would reuse the gathered weights: every layer whole on every device at once.
     assert len(scattered) == 12 and len(gathered) == 12 + 9
     no_remat = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.bfloat16, remat=False)
-    assert no_remat.lower(params, sharding.init_opt_state(params), eight["batch"]).as_text().count(
+    assert no_remat.lower(state, eight["batch"]).as_text().count(
         'stablehlo.all_gather"') == 12
 
     compiled = lowered.compile().as_text()
@@ -233,14 +234,6 @@ def test_clear_errors_for_shapes_that_do_not_divide(eight):
         sharding.make_train_step(odd, mesh, OPT)
     with pytest.raises(KeyError, match="'layers/w_extra'"):
         sharding.param_specs({"layers": {"w_extra": jax.ShapeDtypeStruct((2, 8), jnp.float32)}}, mesh)
-    # 12 rows do not split over 8 devices x 1 micro-batch; 16 rows do not split over 8 x 4
-    step = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.float32, num_micro_batches=4)
-    params = sharding.shard_params(host_params(), mesh)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        step(params, sharding.init_opt_state(params), eight["batch"])
-    with pytest.raises(ValueError, match="multiple of 8"):
-        one = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.float32)
-        one(params, sharding.init_opt_state(params), {k: v[:12] for k, v in make_batch(16).items()})
 
 
 # LoRA on the same step: the base frozen (bf16 here, as alpaca.py keeps it), only the adapters trained.
@@ -264,18 +257,20 @@ def lora_eight():
     """3 LoRA steps on 8 devices, float32 compute, and the program they ran (lowered and compiled)."""
     mesh = sharding.make_mesh()
     base = sharding.shard_params(bf16_base(), mesh)
-    adapters = jax.device_put(host_adapters(), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    opt_state = sharding.init_opt_state(adapters)
+    state = sharding.init_state(CONFIG, base, LORA, jax.random.key(0))
+    like = sharding.abstract_state(CONFIG, mesh, jnp.bfloat16, LORA)
+    assert jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), state) == \
+        jax.tree.map(lambda x: (x.shape, x.dtype, x.sharding), like)  # what checkpoints are read into
+    state["trained"] = jax.device_put(host_adapters(), state["trained"]["layers"]["wq"]["a"].sharding)
     batch = sharding.shard_batch(make_batch(16), mesh)
-    lowered = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.float32, lora=LORA).lower(
-        adapters, opt_state, batch, base)
+    lowered = sharding.make_train_step(CONFIG, mesh, OPT, compute_dtype=jnp.float32, lora=LORA).lower(state, batch)
     step = lowered.compile()
     metrics = []
     for _ in range(STEPS):
-        adapters, opt_state, m = step(adapters, opt_state, batch, base)
+        state, m = step(state, batch)
         metrics.append({k: float(v) for k, v in m.items()})
-    return dict(base=base, adapters=adapters, opt_state=opt_state, metrics=metrics, lowered=lowered.as_text(),
-                compiled=step.as_text())
+    return dict(base=state["frozen"], adapters=state["trained"], opt_state=state["opt_state"], metrics=metrics,
+                lowered=lowered.as_text(), compiled=step.as_text())
 
 
 def test_lora_step_trains_only_the_adapters_and_matches_plain_grad_and_optax(lora_eight):
@@ -292,7 +287,7 @@ def test_lora_step_trains_only_the_adapters_and_matches_plain_grad_and_optax(lor
     np.testing.assert_allclose([m["grad_norm"] for m in lora_eight["metrics"]], norms, rtol=RTOL)
     assert_trees_close(lora_eight["adapters"], ad)
     assert norms[0] > OPT.grad_clip and losses[-1] < losses[0]
-    # The base is an argument of the step, not donated and never written: bitwise what went in.
+    # The frozen base comes back from every step bitwise as it went in.
     for x, y in zip(jax.tree.leaves(lora_eight["base"]), jax.tree.leaves(bf16_base())):
         np.testing.assert_array_equal(np.asarray(x), y)
     # Replicated adapters: every device ends with the same bits (the same update from the same all-reduced gradient).

@@ -11,7 +11,11 @@ import time
 import numpy as np
 import pytest
 
+from safetensors import safe_open
+
 from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, committed, env_for, logged_step, run, run_args, start, write_data
+
+CRASH_WRITING_4 = "os.rename:step_00000004/process_00000.safetensors:1:SIGKILL"  # faults/sitecustomize.py
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +104,15 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     expected = final_tensors(reference_run[0])
     env = env_for(8, workdir)
 
-    # 1. SIGKILL while checkpoint 4 is being written in the background (a crash point in the writer thread,
-    #    halfway through this process's file).
+    # 1. SIGKILL while checkpoint 4 is being written in the background (its file written under a temporary
+    #    name, not yet renamed into place).
     out = workdir / "crash"
-    rc, log = run(run_args(workdir, out), env_for(8, workdir, ALPACA_CRASH_AT="writing-4"))
+    rc, log = run(run_args(workdir, out), env_for(8, workdir, CRASH_AT=CRASH_WRITING_4))
     assert rc == -signal.SIGKILL, log
     assert "step_00000004 (writing in the background)" in log
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004"]
     assert committed(out) == ["step_00000002"]  # the interrupted write is not taken for complete
-    assert "process_00000.bin.partial" in os.listdir(out / "checkpoints" / "step_00000004")
+    assert "process_00000.safetensors.partial" in os.listdir(out / "checkpoints" / "step_00000004")
     with open(out / "metrics.jsonl", "a") as fh:  # a line cut short by the kill
         fh.write('{"step": 5, "loss": 3.')
     rc, log = run(run_args(workdir, out), env)
@@ -116,8 +120,7 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     assert "resuming from" in log and "step_00000002" in log
     # The leftover was replaced, old checkpoints pruned and their files deleted.
     assert committed(out) == sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000006"]
-    assert sorted(os.listdir(out / "checkpoints" / "step_00000006")) == \
-        ["meta.json", "process_00000.bin", "process_00000.json"]
+    assert sorted(os.listdir(out / "checkpoints" / "step_00000006")) == ["meta.json", "process_00000.safetensors"]
     for name, arr in final_tensors(out).items():
         np.testing.assert_array_equal(arr, expected[name], err_msg=name)
     assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
@@ -178,8 +181,12 @@ def test_a_checkpoint_reads_back_on_other_layouts(tmp_path):
         return jax.tree.map(lambda x, spec: NamedSharding(Mesh(on, ("d",)), spec), values, shardings)
 
     state = jax.tree.map(jax.device_put, values, placed(devices, (P(None, "d"), P("d"))))
-    alpaca.save_checkpoint(str(tmp_path), 3, state, {"note": 1}, keep=1)
+    c = alpaca.Config(out=str(tmp_path), keep_checkpoints=1)
+    assert alpaca.finish_checkpoint(alpaca.start_checkpoint(c.out, 3, state), c, {"note": 1}) == (None, False)
     assert alpaca.list_checkpoints(str(tmp_path)) == [3]
+    # One safetensors file: each distinct slice once (the replicated count too), bfloat16 as it was.
+    with safe_open(str(tmp_path / "checkpoints" / "step_00000003" / "process_00000.safetensors"), "numpy") as f:
+        assert len(f.keys()) == 8 + 8 + 1 and f.get_slice("layer/b@3").get_dtype() == "BF16"
     assert json.load(open(tmp_path / "checkpoints" / "step_00000003" / "meta.json"))["note"] == 1
     for on, specs in ((devices[:4], (P("d", None), P("d"))), (devices[[5, 2, 7]], (P(None, "d"), P("d"))),
                       (devices[:1], (P(), P()))):
@@ -191,7 +198,7 @@ def test_a_checkpoint_reads_back_on_other_layouts(tmp_path):
 
 
 def test_children_cannot_rename_directories(tmp_path):
-    # What makes every run of these tests a run without directory renames (commands.NO_DIR_RENAME).
+    # What makes every run of these tests a run without directory renames (commands.FAULTS).
     (tmp_path / "d").mkdir()
     (tmp_path / "f").write_text("")
     code = "import os, sys; os.replace(sys.argv[1] + '/f', sys.argv[1] + '/g'); os.rename(sys.argv[1] + '/d', sys.argv[1] + '/e')"
@@ -262,6 +269,50 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     np.testing.assert_array_equal(np.asarray(our_gen)[0], hf_gen[0, len(ids):].numpy())
 
 
+def test_export_chat_template_renders_the_training_prompt(reference_run):
+    import transformers
+    import alpaca
+    path = os.path.join(reference_run[0], "hf", "final")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    sp = alpaca.load_tokenizer(path)
+    records = json.load(open(SAMPLE))[:48]
+    with_input = [r for r in records if r["input"]][:2] + [r for r in records if not r["input"]][:2]
+    assert len(with_input) == 4
+    for r in with_input:
+        messages = [{"role": "user", "content": r["instruction"]}] + \
+            ([{"role": "input", "content": r["input"]}] if r["input"] else [])
+        prompt = alpaca.format_prompt(r)  # what training puts before the output
+        assert tok.apply_chat_template(messages, tokenize=False) == "<s>" + prompt
+        ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+        assert list(ids) == [sp.bos_id()] + sp.encode(prompt)
+
+
+def test_damaged_checkpoints_are_skipped_with_a_warning_or_named(workdir, reference_run, tmp_path):
+    import shutil
+    expected = final_tensors(reference_run[0])
+    out = tmp_path / "damaged"
+    shutil.copytree(reference_run[0] / "checkpoints", out / "checkpoints")  # steps 4 and 6
+    shutil.copy(reference_run[0] / "metrics.jsonl", out)
+    newest = out / "checkpoints" / "step_00000006" / "process_00000.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])  # cut short
+    rc, log = run(run_args(workdir, out), env_for(8, workdir))
+    assert rc == 0, log
+    assert f"skipping the damaged checkpoint {out / 'checkpoints' / 'step_00000006'}: {newest}: SafetensorError" in log
+    assert f"resuming from {out / 'checkpoints' / 'step_00000004'}" in log
+    for name, arr in final_tensors(out).items():  # steps 5 and 6 again, exactly
+        np.testing.assert_array_equal(arr, expected[name], err_msg=name)
+
+    # Every checkpoint damaged (a meta.json that is not JSON, a missing file): nothing is resumed or deleted.
+    (out / "checkpoints" / "step_00000006" / "meta.json").write_text('{"step": 6, "config"')
+    os.remove(out / "checkpoints" / "step_00000004" / "process_00000.safetensors")
+    rc, log = run(run_args(workdir, out), env_for(8, workdir))
+    assert rc == 2, log
+    assert f"--out {out}: every checkpoint there is damaged" in log
+    assert f"{out / 'checkpoints' / 'step_00000006' / 'meta.json'}: JSONDecodeError" in log
+    assert f"{out / 'checkpoints' / 'step_00000004' / 'process_00000.safetensors'}: FileNotFoundError" in log
+    assert committed(out) == ["step_00000004", "step_00000006"]
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--model", "/nonexistent/model"], "--model /nonexistent/model"),
     (["--data", "/nonexistent/data.json"], "--data /nonexistent/data.json"),
@@ -282,11 +333,11 @@ def test_export_loads_in_transformers_with_equal_logits_and_generation(reference
     (["--weight_decay=-0.1"], "--weight_decay must be >= 0, got -0.1"),
     (["--grad_clip", "nan"], "--grad_clip must be >= 0, got nan"),
 ])
-def test_bad_flags_fail_clearly_and_write_nothing(workdir, tmp_path, flags, message):
+def test_bad_flags_fail_clearly_and_write_nothing(workdir, tmp_path, capsys, flags, message):
+    import alpaca  # in this process, on its 8 devices (tests/conftest.py): the checks come before any step
     out = tmp_path / "bad"
-    rc, log = run(run_args(workdir, out) + flags, env_for(8, workdir))
-    assert rc == 2, log
-    assert message in log
+    assert alpaca.main(run_args(workdir, out) + flags) == 2
+    assert message in capsys.readouterr().err
     assert not os.path.exists(out / "checkpoints") and not os.path.exists(out / "hf")
     if flags[0] != "--hf_save_path":  # found before the run directory is even made
         assert not os.path.exists(out)

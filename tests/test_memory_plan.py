@@ -1,4 +1,4 @@
-"""--dry_run's memory plan: XLA's compiled figure of the real train step per device, its parts, how it
+"""benchmarks/memory_plan.py: XLA's compiled figure of the real train step per device, its parts, how it
 grows, and the fixes it suggests when a device is too small. stories260K's config.json alone (no weights)
 on the 2,000-record sample; the compiles are cached in one directory that every test here shares."""
 
@@ -16,6 +16,10 @@ import pytest
 import alpaca
 from commands import ROOT, SAMPLE, STORIES
 
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import memory_plan  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "benchmarks", "memory_plan.py")
 FLAGS = {"seq_len": 256, "max_len": 256, "batch_size": 16, "data_parallel": 8}  # 16 rows: 2 a device
 
 
@@ -35,20 +39,21 @@ def plan(setup, **changes):
     c, done = setup
     key = json.dumps(changes, sort_keys=True)
     if key not in done:
-        done[key] = alpaca.plan_run(dataclasses.replace(c, **changes))
+        done[key] = memory_plan.plan_run(dataclasses.replace(c, **changes))
     return done[key]
 
 
-def test_dry_run_prints_the_plan_for_a_person_and_in_the_json_line(setup):
+def test_the_command_prints_the_plan_for_a_person_and_in_the_json_line(setup):
     c, _ = setup
     base = plan(setup)[1]
-    cmd = [sys.executable, os.path.join(ROOT, "alpaca.py"), "--dry_run", "--model", c.model, "--tokenizer",
-           c.tokenizer, "--data", c.data, "--cache_dir", c.cache_dir] + [f"--{k}={v}" for k, v in FLAGS.items()]
+    cmd = [sys.executable, SCRIPT, "--model", c.model, "--tokenizer", c.tokenizer, "--data", c.data,
+           "--cache_dir", c.cache_dir] + [f"--{k}={v}" for k, v in FLAGS.items()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     stats = json.loads(out.stdout)  # stdout is the one JSON line
     assert stats["rows_per_step"] % 8 == 0 and stats["steps"] == 3 * stats["steps_per_epoch"]
     assert stats["memory"]["total"] == base["total"]  # the same figure, from the cache
+    assert "compiling" not in out.stderr
     assert "memory per device at the peak of a step: 8 devices" in out.stderr
     assert "a planning estimate" in out.stderr
     assert "TPU v3 core (17.18 GB) yes" in out.stderr  # on CPU, with no --device_memory_gb: common devices
@@ -57,7 +62,8 @@ def test_dry_run_prints_the_plan_for_a_person_and_in_the_json_line(setup):
 def test_parts_add_up_to_xla_total(setup):
     c, _ = setup
     p = plan(setup)[1]
-    raw = alpaca.compiled_memory(c, alpaca.model_config(c, weights=False)[1], 8, p["rows"], p["micro_batches"])
+    _, mc, lc = alpaca.model_config(c, weights=False)
+    raw = memory_plan.compiled_memory(c, mc, lc, 8, p["rows"], p["micro_batches"])
     assert p["total"] == raw["arguments"] + raw["temporaries"] + raw["outputs"] - raw["aliased"]
     parts = [k for k in p if k in ("parameters", "adamw_moments", "batch_and_step_count", "gradients",
                                    "activations_and_other_temporaries", "outputs_not_aliased")]
@@ -89,7 +95,7 @@ def test_too_small_a_device_gets_flags_that_the_planner_says_fit(setup):
         assert fix["total"] <= limit * 1e9
         again = plan(setup, device_memory_gb=limit, **fix["changes"])[1]
         assert again["fits"] is True and again["total"] == fix["total"]
-    text = alpaca.format_memory_plan(p)
+    text = memory_plan.format_memory_plan(p)
     assert "does NOT fit" in text and f"fits with --micro_batch_size {half}" in text
     assert math.isclose(plan(setup, device_memory_gb=100.0)[1]["total"], base["total"])
     assert plan(setup, device_memory_gb=100.0)[1]["fits"] is True
@@ -98,13 +104,16 @@ def test_too_small_a_device_gets_flags_that_the_planner_says_fit(setup):
 def test_device_memory_defaults_to_what_jax_can_use_on_known_devices(monkeypatch):
     from types import SimpleNamespace as Device
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
-    assert alpaca.device_memory_gb(Device(device_kind="TPU v3", platform="tpu"), 0) == 17.18
-    assert alpaca.device_memory_gb(Device(device_kind="TPU v5 lite", platform="tpu"), 0) == 17.18
-    assert alpaca.device_memory_gb(Device(device_kind="NVIDIA A100-SXM4-40GB", platform="gpu"), 0) == 30.0
-    assert alpaca.device_memory_gb(Device(device_kind="cpu", platform="cpu"), 0) is None
-    assert alpaca.device_memory_gb(Device(device_kind="cpu", platform="cpu"), 16.0) == 16.0
+    monkeypatch.delenv("XLA_CLIENT_MEM_FRACTION", raising=False)
+    gb = memory_plan.device_memory_gb
+    assert gb(Device(device_kind="TPU v3", platform="tpu"), 0) == 17.18
+    assert gb(Device(device_kind="TPU v5 lite", platform="tpu"), 0) == 17.18
+    assert gb(Device(device_kind="NVIDIA A100-SXM4-40GB", platform="gpu"), 0) == 30.0
+    assert gb(Device(device_kind="NVIDIA A100-SXM4-80GB", platform="gpu"), 0) == 60.0
+    assert gb(Device(device_kind="cpu", platform="cpu"), 0) is None
+    assert gb(Device(device_kind="cpu", platform="cpu"), 16.0) == 16.0
     monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-    assert math.isclose(alpaca.device_memory_gb(Device(device_kind="NVIDIA H200", platform="gpu"), 0), 133.95)
+    assert math.isclose(gb(Device(device_kind="NVIDIA H200", platform="gpu"), 0), 133.95)
 
 
 def test_lora_plan_holds_the_frozen_base_and_replicated_adapters_and_is_smaller(setup):
@@ -118,3 +127,8 @@ def test_lora_plan_holds_the_frozen_base_and_replicated_adapters_and_is_smaller(
     assert (lora["adamw_moments"], lora["gradients"]) == (n * 8, n * 4)  # float32, on every device
     assert lora["parameters"] == full["parameters"] // 2 + n * 4  # the bfloat16 base shard and the adapters
     assert lora["total"] < full["total"]
+
+
+def test_a_device_count_that_cannot_split_the_model_is_refused_before_any_compile(setup):
+    with pytest.raises(alpaca.InputError, match="hidden_size \\(64\\) cannot be split over 48 devices"):
+        plan(setup, data_parallel=48)
