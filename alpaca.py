@@ -883,7 +883,9 @@ def init_distributed():
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU collectives across hosts
         print(f"process {i} of {n}: joining the others at {env['JAX_COORDINATOR_ADDRESS']}; unless all start "
               f"the same command within JAX_INIT_TIMEOUT={timeouts['initialization_timeout']} s, JAX stops "
-              "this one (DEADLINE_EXCEEDED)", file=sys.stderr, flush=True)
+              "this one (DEADLINE_EXCEEDED). If one dies later, the others stop too: restart them all with "
+              "the same command, and the run resumes from its last complete checkpoint",
+              file=sys.stderr, flush=True)
         jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], num_processes=n, process_id=i, **timeouts)
     elif getattr(sys.modules.get("jax._src.cloud_tpu_init"), "running_in_cloud_tpu_vm", False) or \
             env.get("TPU_WORKER_HOSTNAMES"):  # what `import jax` found (private: hence getattr), or GKE
@@ -970,7 +972,7 @@ def start_checkpoint(out, step, state):
         for shard in arr.addressable_shards:  # a slice on several devices (replicated) is written once
             start = ",".join(str(s.indices(n)[0]) for s, n in zip(shard.index, arr.shape))
             slices.setdefault(f"{name}@{start}", shard.data).copy_to_host_async()
-    slices = {k: np.asarray(v) for k, v in slices.items()}
+    slices = {k: np.array(v) for k, v in slices.items()}  # copies: the step to come donates the buffers
     path = os.path.join(checkpoint_dir(out, step), f"process_{jax.process_index():05d}.safetensors")
     errors = []
 

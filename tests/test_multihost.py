@@ -212,14 +212,18 @@ def test_crash_during_a_checkpoint_stops_the_other_and_a_fresh_pair_resumes(work
     out = workdir / "crash"
     # Process 1 is SIGKILLed in its writer thread as it puts its file of checkpoint 4 in place, before the
     # commit.
-    p0, p1 = start_pair(procs, workdir, out,
+    p0, p1 = start_pair(procs, workdir, out, env_both={"JAX_HEARTBEAT_TIMEOUT": "10"},
                         env1={"CRASH_AT": "os.rename:step_00000004/process_00001.safetensors:1:SIGKILL"})
     assert wait([p1]) == [-signal.SIGKILL], log_of(p1)[-3000:]
-    wait_survivor(p0)
+    wait_survivor(p0, timeout=10 + DEATH_NOTICE_S)
     log = log_of(p0)
-    assert p0.returncode == 1, log[-3000:]
-    assert "alpaca.py: error: process 0 of 2 stopped" in log
-    assert f"resumes from the last complete checkpoint, {out / 'checkpoints' / 'step_00000002'}" in log
+    # Its next collective fails (our message), or, when the peer died inside one that then waits, JAX
+    # declares it dead at the heartbeat timeout and aborts this process; what to do was said when it joined.
+    if p0.returncode == 1:
+        assert "alpaca.py: error: process 0 of 2 stopped" in log
+        assert f"resumes from the last complete checkpoint, {out / 'checkpoints' / 'step_00000002'}" in log
+    else:
+        assert p0.returncode == -signal.SIGABRT and "If one dies later, the others stop too" in log, log[-3000:]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004"]
     assert committed(out) == ["step_00000002"]
 
@@ -278,10 +282,16 @@ def test_killed_coordinator_stops_the_other_process_with_a_clear_error(workdir, 
     p0.kill()  # process 0 runs the coordination service
     seconds = wait_survivor(p1)
     log = log_of(p1)
-    assert p1.returncode == 1, log[-3000:]
-    assert "alpaca.py: error: process 1 of 2 stopped: JaxRuntimeError" in log
-    assert "Restart all 2 processes with the same command" in log and committed(out)[-1] in log
-    print(f"process 1 stopped {seconds:.1f} s after process 0 was killed")
+    # Either its next collective fails first (our message, naming the checkpoint to resume from), or JAX's
+    # coordination client notices first and aborts the process; what to do was said when it joined.
+    assert "If one dies later, the others stop too: restart them all with the same command" in log
+    if p1.returncode == 1:
+        assert "alpaca.py: error: process 1 of 2 stopped: JaxRuntimeError" in log
+        assert "Restart all 2 processes with the same command" in log and committed(out)[-1] in log
+    else:
+        assert p1.returncode == -signal.SIGABRT, log[-3000:]
+        assert "the JAX distributed service detected fatal errors" in log
+    print(f"process 1 stopped {seconds:.1f} s after process 0 was killed (status {p1.returncode})")
 
 
 def test_frozen_process_is_declared_dead_at_the_heartbeat_timeout(workdir, pair_run, procs):
@@ -366,10 +376,10 @@ def test_rows_of_interleaved_processes(workdir, procs):
 
 def test_a_process_started_alone_stops_in_bounded_time_saying_why(workdir, procs):
     env = dict(base_env(workdir, 4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}", JAX_NUM_PROCESSES="2",
-               JAX_PROCESS_ID="0", JAX_INIT_TIMEOUT="5")
+               JAX_PROCESS_ID="0", JAX_INIT_TIMEOUT="3")
     p = start(procs, [sys.executable, os.path.join(ROOT, "alpaca.py"), *run_args(workdir, workdir / "alone")],
               env, workdir / "alone.log")
-    seconds = wait_survivor(p, timeout=5 + DEATH_NOTICE_S)
+    seconds = wait_survivor(p, timeout=3 + DEATH_NOTICE_S)
     assert p.returncode != 0
     assert "process 0 of 2: joining the others" in log_of(p) and "DEADLINE_EXCEEDED" in log_of(p)
     assert not os.path.exists(workdir / "alone" / "checkpoints")

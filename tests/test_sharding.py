@@ -310,3 +310,54 @@ def test_lora_step_gathers_the_frozen_base_and_reduces_only_adapter_gradients(lo
                   for dims in re.findall(r"f32\[([0-9,]*)\]", op.split(" all-reduce")[0]))
     n_adapters = sum(x.size for x in jax.tree.leaves(lora_eight["adapters"]))
     assert n_adapters <= reduced <= n_adapters + 8, (reduced, n_adapters, reduces)
+
+
+def test_a_training_step_matches_transformers_and_torch_adamw():
+    """The whole step against Hugging Face's: transformers' LlamaForCausalLM on the real stories260K weights,
+    torch.optim.AdamW (norms not decayed, as the HF Trainer), torch's gradient clipping and transformers'
+    warmup-cosine schedule; ours on 8 devices, float32. Three steps: losses, gradient norms and weights."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    import os
+    from transformers.optimization import get_cosine_schedule_with_warmup
+    stories = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
+    mc, params = llama.load_hf(stories)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(3, mc.vocab_size, (8, 33)).astype(np.int32)
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:], "segment_ids": np.ones((8, 32), np.int32),
+             "loss_mask": (rng.random((8, 32)) < 0.6).astype(np.float32),
+             "positions": np.broadcast_to(np.arange(32, dtype=np.int32), (8, 32)).copy()}
+    batch["loss_mask"][:, -1] = 0  # HF's model sees 32 tokens: its last logit predicts nothing
+    mesh = sharding.make_mesh()
+    state = sharding.init_state(mc, sharding.shard_params(jax.tree.map(np.asarray, params), mesh))
+    step = sharding.make_train_step(mc, mesh, OPT, compute_dtype=jnp.float32)
+    ours = []
+    for _ in range(STEPS):
+        state, m = step(state, sharding.shard_batch(batch, mesh))
+        ours.append((float(m["loss"]), float(m["grad_norm"])))
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
+    named = dict(model.named_parameters())
+    groups = [{"params": [p for n, p in named.items() if "norm" not in n], "weight_decay": OPT.weight_decay},
+              {"params": [p for n, p in named.items() if "norm" in n], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=OPT.lr, betas=(OPT.b1, OPT.b2), eps=OPT.eps)
+    schedule = get_cosine_schedule_with_warmup(opt, OPT.warmup_steps, OPT.total_steps)
+    labels = np.where(np.concatenate([np.zeros((8, 1)), batch["loss_mask"]], 1) > 0, tokens, -100)
+    theirs = []
+    for _ in range(STEPS):
+        loss = model(torch.tensor(tokens[:, :-1], dtype=torch.long),
+                     labels=torch.tensor(labels[:, :-1], dtype=torch.long)).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), OPT.grad_clip)
+        opt.step()
+        schedule.step()
+        opt.zero_grad()
+        theirs.append((loss.item(), norm.item()))
+    np.testing.assert_allclose(ours, theirs, rtol=RTOL)
+    assert theirs[0][1] > OPT.grad_clip  # clipping was active
+    wq = np.asarray(state["trained"]["layers"]["wq"])
+    for i in range(mc.num_hidden_layers):
+        np.testing.assert_allclose(wq[i], named[f"model.layers.{i}.self_attn.q_proj.weight"].detach().numpy().T,
+                                   rtol=RTOL, atol=PARAM_ATOL)
+    np.testing.assert_allclose(np.asarray(state["trained"]["embed"]), named["model.embed_tokens.weight"].detach(),
+                               rtol=RTOL, atol=PARAM_ATOL)
