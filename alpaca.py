@@ -846,6 +846,12 @@ def make_batch(examples, plan, step, rows=None):
     return b
 
 
+def abstract_batch(mesh, rows, seq_len):
+    """A batch as jax.ShapeDtypeStructs (make_batch's dtypes) with its sharding: what a step compiles for."""
+    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                    sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
+
+
 def host_batch(examples, plan, batch_sharding, step):
     """The batch of `step` as global jax.Arrays, of which this process builds only its devices' rows, in the
     order they hold them: several spans where the mesh interleaves hosts (jax.make_mesh follows a pod's
@@ -1246,8 +1252,7 @@ def dry_run(c):
     _, plan, info = prepare_data(c, mc, c.data_parallel or jax.device_count())
     mesh, R, T = sharding.make_mesh(), plan["rows_per_step"], plan["seq_len"]
     state = sharding.abstract_state(mc, mesh, jnp.dtype(c.param_dtype), lc)
-    batch = {k: jax.ShapeDtypeStruct((R, T), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
+    batch = abstract_batch(mesh, R, T)
     step = make_step(c, mc, lc, mesh, plan["steps"], info["micro_batches"])
     m = step.lower(state, batch).compile().memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes

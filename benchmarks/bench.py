@@ -178,12 +178,6 @@ def train_step(mc, mesh, args, micro_batches, lora):
     return alpaca.make_step(c, mc, lora, mesh, 10_000, micro_batches)
 
 
-def abstract_batch(mesh, rows, seq_len):
-    """The BATCH_KEYS of a step as ShapeDtypeStructs with their sharding, dtypes as alpaca.make_batch's."""
-    return {k: jax.ShapeDtypeStruct((rows, seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                    sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
-
-
 def compile_jax(mc, examples, plan, args, mesh, micro_batches=1, lora=None):
     """The train step compiled for parameters and AdamW state that do not exist yet (shapes and shardings
     only), so that the memory it needs is known before any of it is allocated; and the batches it will run.
@@ -263,7 +257,7 @@ def memory_only(name, mc, args, mode):
     base_dtype = jnp.dtype(args.memory_base_dtype if lora else jnp.float32)
     state = sharding.abstract_state(mc, mesh, base_dtype, lora)
     step = train_step(mc, mesh, args, args.memory_micro_batches, lora)
-    batch = abstract_batch(mesh, args.memory_rows, args.seq_len)
+    batch = alpaca.abstract_batch(mesh, args.memory_rows, args.seq_len)
     t0 = time.perf_counter()
     mem = step.lower(state, batch).compile().memory_analysis()
     return emit({"config": name, "mode": mode, "memory_only": True, "devices": mesh.shape["fsdp"],

@@ -147,8 +147,7 @@ def compile_child():
     lc = r["lora"] and llama.LoraConfig(**{**r["lora"], "targets": tuple(r["lora"]["targets"])})
     mesh = sharding.make_mesh()
     state = sharding.abstract_state(mc, mesh, jnp.dtype(c.param_dtype), lc)
-    batch = {k: jax.ShapeDtypeStruct((r["rows"], c.seq_len), jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=sharding.batch_sharding(mesh)) for k in sharding.BATCH_KEYS}
+    batch = alpaca.abstract_batch(mesh, r["rows"], c.seq_len)
     t0 = time.perf_counter()
     step = alpaca.make_step(c, mc, lc, mesh, 1000, r["micro_batches"])
     m = step.lower(state, batch).compile().memory_analysis()

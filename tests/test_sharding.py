@@ -3,6 +3,7 @@ gradient accumulation, memory per device, the collectives in the compiled HLO, a
 
 import dataclasses
 import math
+import os
 import re
 
 import jax
@@ -318,7 +319,6 @@ def test_a_training_step_matches_transformers_and_torch_adamw():
     warmup-cosine schedule; ours on 8 devices, float32. Three steps: losses, gradient norms and weights."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    import os
     from transformers.optimization import get_cosine_schedule_with_warmup
     stories = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "stories260K")
     mc, params = llama.load_hf(stories)
