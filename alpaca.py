@@ -154,7 +154,7 @@ def train(c):
     say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
     run = preflight(c, say)  # flags x config.json x data x devices x the checkpoint to resume: all checked
     say(plan_line(run.info, run.mesh.size))
-    step = make_step(c, run.mc, run.lc, run.mesh, run.plan["steps"], run.info["micro_batches"])
+    step = make_step(c, run.mc, run.lc, run.mesh, run.plan["steps"], run.plan["micro_batches"])
     state = restore_or_load(run, say)  # the latest complete checkpoint, or the HF weights
     logs = open_logs(run)  # metrics.jsonl cut back to the checkpoint, wandb
     preempted, state = train_loop(run, step, state, logs, say)  # steps, logs, checkpoints, SIGTERM
@@ -186,10 +186,14 @@ def preflight(c, say):
     before anything is loaded or written (probes of --out and --hf_save_path aside). Returns the Run."""
     t_launch, main_process = time.time(), jax.process_index() == 0
     model_dir, mc, lc = model_config(c)
+    mesh = mesh_for(c, mc, lc)
     start, resumed = resume_point(c.out, say)  # a resumed run keeps the data plan it started with
     planned = c.data_parallel or (resumed or {}).get("data_parallel") or jax.device_count()
-    resumed_from = f"--out {c.out}: the checkpoint of step {start} comes from a run whose " if start else ""
-    examples, plan, info = prepare_data(c, mc, planned, resumed_from)
+    try:
+        examples, plan, info = prepare_data(c, mc, planned, jax.device_count())
+    except InputError as e:
+        raise InputError(f"--out {c.out}: the checkpoint of step {start} comes from a run whose {e}"
+                         if start and "cannot be split over" in str(e) else str(e))
     problem = why_unwritable(c.out, f".write-test-{jax.process_index()}")
     if problem:
         raise InputError(f"--out {c.out}: not a writable directory ({problem})")
@@ -204,7 +208,7 @@ def preflight(c, say):
     check_shared_out(c.out)
     if start:
         check_resumable(resumed, c, meta, checkpoint_dir(c.out, start))
-    return Run(c, model_dir, mc, lc, sharding.make_mesh(), examples, example_lengths(examples), plan, info,
+    return Run(c, model_dir, mc, lc, mesh, examples, example_lengths(examples), plan, info,
                meta, start, resumed, t_launch)
 
 
@@ -397,7 +401,7 @@ def lora_targets(c):
 
 
 def model_config(c, weights=True):
-    """(model directory, LlamaConfig, LoraConfig or None), checked against the flags and the devices.
+    """(model directory, LlamaConfig, LoraConfig or None), checked against the flags.
     weights=False (--dry_run) reads config.json alone; weights=True also checks the safetensors headers."""
     try:
         model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
@@ -407,12 +411,6 @@ def model_config(c, weights=True):
     if c.seq_len > mc.max_position_embeddings:
         raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
                          f"({mc.max_position_embeddings})")
-    devices = jax.device_count()
-    if c.data_parallel % devices:
-        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
-                         f"{devices} devices, so it must be 0 or a multiple of {devices}")
-    if mc.hidden_size % devices:  # sharding.py splits every weight along hidden_size
-        raise InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {devices} devices")
     if not c.lora_rank:
         return model_dir, mc, None
     targets = tuple(t for t in llama.LORA_TARGETS if t in lora_targets(c))
@@ -425,9 +423,22 @@ def model_config(c, weights=True):
     return model_dir, mc, lc
 
 
-def prepare_data(c, mc, planned, resumed_from=""):
-    """Records -> examples -> plan, the rows of a step planned for `planned` devices and split over the
-    devices here. Returns (examples, plan, statistics for the logs)."""
+def mesh_for(c, mc, lc):
+    """The mesh of every device here, checked against --data_parallel and the model's shapes."""
+    devices = jax.device_count()
+    if c.data_parallel % devices:
+        raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
+                         f"{devices} devices, so it must be 0 or a multiple of {devices}")
+    try:
+        sharding.state_specs(mc, sharding.make_mesh(), lc)  # every weight must split over the devices
+    except ValueError as e:
+        raise InputError(str(e))
+    return sharding.make_mesh()
+
+
+def prepare_data(c, mc, planned, devices):
+    """Records -> examples -> plan, the rows of a step planned for `planned` devices and split over `devices`.
+    Returns (examples, plan, statistics for the logs)."""
     t0, records = time.perf_counter(), load_records(c.data, c.cache_dir)
     examples, stats, hit = tokenize_cached(records, load_tokenizer(c.tokenizer or c.model), c.max_len,
                                            c.cache_dir)
@@ -435,16 +446,17 @@ def prepare_data(c, mc, planned, resumed_from=""):
         raise InputError(f"--tokenizer {c.tokenizer or c.model}: token id {examples['tokens'].max()} is "
                          f"outside the model's vocabulary of {mc.vocab_size}: the tokenizer is not --model's")
     lengths = example_lengths(examples)
-    R, micro = step_rows(c, lengths, planned, jax.device_count(), resumed_from)
+    R, micro = step_shape(c, lengths, planned, devices)
     plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
                       steps=c.steps, pack=not c.no_pack)
+    plan["micro_batches"] = micro
     return examples, plan, {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len,
                             "max_len": c.max_len, "batch_size": c.batch_size, "data_parallel": planned,
                             "micro_batches": micro, "tokenize_seconds": round(time.perf_counter() - t0, 3),
                             "cache_hit": hit}
 
 
-def step_rows(c, lengths, planned, devices, resumed_from=""):
+def step_shape(c, lengths, planned, devices):
     """(rows per step, micro-batches per step): rows planned for `planned` devices, split over `devices`."""
     if len(lengths) == 0:
         raise InputError("no examples left to train on: all were dropped (is --max_len shorter than the "
@@ -455,8 +467,8 @@ def step_rows(c, lengths, planned, devices, resumed_from=""):
     R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=planned,
                              pack=not c.no_pack)
     if R % devices:  # only a run resumed on another device count gets here
-        raise InputError(f"{resumed_from}steps have {R} rows (planned for --data_parallel {planned}): they "
-                         f"cannot be split over {devices} devices; resume on a device count that divides {R}")
+        raise InputError(f"steps have {R} rows (planned for --data_parallel {planned}): they cannot be split "
+                         f"over {devices} devices; resume on a device count that divides {R}")
     m = c.micro_batch_size
     if m and (R % m or m % devices):
         raise InputError(f"--micro_batch_size {m}: a micro-batch must divide the {R} rows of a step and be a "
@@ -1245,17 +1257,27 @@ def generate_main(argv):
 # 11. main
 
 
+def compile_step(c, mc, lc, mesh, rows, micro_batches):
+    """The train step of these flags compiled for the devices of `mesh` (compile-only ones too: a TPU or GPU
+    that is not here) and a step of rows x --seq_len, from shapes alone: no weight is read or allocated."""
+    state = sharding.abstract_state(mc, mesh, jnp.dtype(c.param_dtype), lc)
+    step = make_step(c, mc, lc, mesh, 1, micro_batches)  # the schedule's length changes no buffer
+    return step.lower(state, abstract_batch(mesh, rows, c.seq_len)).compile()
+
+
+def peak_bytes(m):
+    """What one device holds at the peak of a step, from compiled.memory_analysis()."""
+    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
 def dry_run(c):
     """--dry_run: the data plan and what one device holds at the peak of a step: XLA's figure for the train
     step compiled for the devices here, from shapes alone. For a person on stderr, one JSON line on stdout."""
     _, mc, lc = model_config(c, weights=False)
-    _, plan, info = prepare_data(c, mc, c.data_parallel or jax.device_count())
-    mesh, R, T = sharding.make_mesh(), plan["rows_per_step"], plan["seq_len"]
-    state = sharding.abstract_state(mc, mesh, jnp.dtype(c.param_dtype), lc)
-    batch = abstract_batch(mesh, R, T)
-    step = make_step(c, mc, lc, mesh, plan["steps"], info["micro_batches"])
-    m = step.lower(state, batch).compile().memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    mesh = mesh_for(c, mc, lc)
+    _, plan, info = prepare_data(c, mc, c.data_parallel or jax.device_count(), jax.device_count())
+    total = peak_bytes(compile_step(c, mc, lc, mesh, plan["rows_per_step"], plan["micro_batches"])
+                       .memory_analysis())
     limit = c.device_memory_gb * 1e9 or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     memory = {"devices": mesh.size, "device_kind": jax.devices()[0].device_kind, "bytes_per_device": total,
               "limit_bytes": limit, "fits": total <= limit if limit else None}

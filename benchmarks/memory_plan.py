@@ -72,17 +72,8 @@ def plan_run(c):
     if mc.hidden_size % n:
         raise alpaca.InputError(f"the model's hidden_size ({mc.hidden_size}) cannot be split over {n} "
                                 "devices")
-    t0 = time.perf_counter()
-    examples, stats, hit = alpaca.tokenize_cached(alpaca.load_records(c.data, c.cache_dir),
-                                                  alpaca.load_tokenizer(c.tokenizer or c.model), c.max_len,
-                                                  c.cache_dir)
+    examples, _, info = alpaca.prepare_data(c, mc, n, n)
     lengths = alpaca.example_lengths(examples)
-    rows, micro = alpaca.step_rows(c, lengths, n, n)
-    plan = alpaca.plan_steps(lengths, seed=c.seed, rows_per_step=rows, seq_len=c.seq_len, epochs=c.epochs,
-                             steps=c.steps, pack=not c.no_pack)
-    info = {**stats, **alpaca.plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
-            "batch_size": c.batch_size, "data_parallel": n, "micro_batches": micro,
-            "tokenize_seconds": round(time.perf_counter() - t0, 3), "cache_hit": hit}
     limit = device_memory_gb(jax.devices()[0], c.device_memory_gb)
     return info, memory_plan(c, mc, lc, lengths, n, limit)
 
@@ -90,7 +81,7 @@ def plan_run(c):
 def memory_plan(c, mc, lc, lengths, devices, limit_gb):
     """The memory plan of these flags on `devices` devices: XLA's figures per device, whether they fit a
     device of limit_gb, and if not, the flags that make them fit, each checked by its own compile."""
-    rows, micro = alpaca.step_rows(c, lengths, devices, devices)
+    rows, micro = alpaca.step_shape(c, lengths, devices, devices)
     plan = {"devices": devices, "rows": rows, "seq_len": c.seq_len, "micro_batches": micro,
             **memory_parts(compiled_memory(c, mc, lc, devices, rows, micro)), "device_memory_gb": limit_gb}
     if not limit_gb:
@@ -147,10 +138,8 @@ def compile_child():
     lc = r["lora"] and llama.LoraConfig(**{**r["lora"], "targets": tuple(r["lora"]["targets"])})
     mesh = sharding.make_mesh()
     state = sharding.abstract_state(mc, mesh, jnp.dtype(c.param_dtype), lc)
-    batch = alpaca.abstract_batch(mesh, r["rows"], c.seq_len)
     t0 = time.perf_counter()
-    step = alpaca.make_step(c, mc, lc, mesh, 1000, r["micro_batches"])
-    m = step.lower(state, batch).compile().memory_analysis()
+    m = alpaca.compile_step(c, mc, lc, mesh, r["rows"], r["micro_batches"]).memory_analysis()
 
     def shard_bytes(*trees):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
@@ -174,7 +163,7 @@ def _fixes(c, mc, lc, lengths, devices, plan, budget):
     can cost memory); (2) shorter rows, as many of them, i.e. fewer examples per step; (3) more devices,
     the same flags. (bfloat16 master weights do not help: the update's float32 copies take it back.)"""
     def fits(x):
-        rows, micro = alpaca.step_rows(x["config"], lengths, x["devices"], x["devices"])
+        rows, micro = alpaca.step_shape(x["config"], lengths, x["devices"], x["devices"])
         x["total"] = memory_parts(compiled_memory(x["config"], mc, lc, x["devices"], rows, micro))["total"]
         return x["total"] <= budget
 
@@ -182,7 +171,7 @@ def _fixes(c, mc, lc, lengths, devices, plan, budget):
         return {"config": dataclasses.replace(c, **flags), "devices": n, "flags": flags}
 
     def rows_of(t):  # the rows of a step of --seq_len t on these devices
-        return alpaca.step_rows(dataclasses.replace(c, seq_len=t, micro_batch_size=0), lengths, devices,
+        return alpaca.step_shape(dataclasses.replace(c, seq_len=t, micro_batch_size=0), lengths, devices,
                                 devices)[0]
 
     tokens_per_pass = plan["rows"] // plan["micro_batches"] * plan["seq_len"]

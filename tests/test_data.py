@@ -224,19 +224,19 @@ def test_rows_per_step(tokenized):
     assert alpaca.choose_rows_per_step(lengths, batch_size=96, seq_len=512, data_parallel=8, pack=False) == 96
     flags = alpaca.Config(seq_len=512, max_len=512)
     with pytest.raises(alpaca.InputError, match="--batch_size 100 with --no_pack"):
-        alpaca.step_rows(alpaca.dataclasses.replace(flags, batch_size=100, no_pack=True), lengths, 8, 8)
+        alpaca.step_shape(alpaca.dataclasses.replace(flags, batch_size=100, no_pack=True), lengths, 8, 8)
     with pytest.raises(alpaca.InputError, match="all were dropped"):
-        alpaca.step_rows(flags, lengths[:0], 8, 8)
+        alpaca.step_shape(flags, lengths[:0], 8, 8)
     # Micro-batches split a step, they never change it: 32 rows over 8 devices in 2 passes of 16.
     padded = alpaca.dataclasses.replace(flags, batch_size=32, no_pack=True)
-    assert alpaca.step_rows(alpaca.dataclasses.replace(padded, micro_batch_size=16), lengths, 8, 8) == (32, 2)
-    assert alpaca.step_rows(padded, lengths, 8, 8) == (32, 1)
+    assert alpaca.step_shape(alpaca.dataclasses.replace(padded, micro_batch_size=16), lengths, 8, 8) == (32, 2)
+    assert alpaca.step_shape(padded, lengths, 8, 8) == (32, 1)
     with pytest.raises(alpaca.InputError, match=r"--micro_batch_size 12: .* valid here: \[8, 16, 32\]"):
-        alpaca.step_rows(alpaca.dataclasses.replace(padded, micro_batch_size=12), lengths, 8, 8)
+        alpaca.step_shape(alpaca.dataclasses.replace(padded, micro_batch_size=12), lengths, 8, 8)
     # Rows planned for 8 devices (a resumed run's plan) split over 4 devices, but not over 16.
-    assert alpaca.step_rows(padded, lengths, 8, 4) == (32, 1)
+    assert alpaca.step_shape(padded, lengths, 8, 4) == (32, 1)
     with pytest.raises(alpaca.InputError, match="32 rows .* cannot be split over 64 devices"):
-        alpaca.step_rows(padded, lengths, 8, 64)
+        alpaca.step_shape(padded, lengths, 8, 64)
 
 
 def test_row_ranges_and_global_batch(tokenized):
