@@ -8,12 +8,14 @@ example: attention never crosses examples, and the loss is padding's at a fracti
 llama.py is the model; sharding.py splits it over the devices (FSDP) and writes the train step.
 
 Read top to bottom: the flags; train(), a run as named phases, and the phases; then the plumbing in the
-order a run uses it: records, tokens, the plan of rows and steps, batches, hosts, checkpoints, export. Bad
-input raises InputError naming the flag, file or record: main prints it and exits with status 2.
+order a run uses it: checks, records, tokens, the plan of rows and steps, batches, hosts, checkpoints,
+export. Bad input raises InputError naming the flag, file or record: main prints it and exits with status 2.
 """
 
 import argparse
 import dataclasses
+import errno
+import fcntl
 import functools
 import hashlib
 import importlib.util
@@ -25,11 +27,11 @@ import re
 import shutil
 import signal
 import sys
-import threading
 import time
 import traceback
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 
@@ -48,8 +50,7 @@ import sharding
 # ----------------------------------------------------------------------------------------------------------
 # 1. Flags
 
-# Stanford's 52K records as released, at a pinned commit. A download counts only if its git blob id (what
-# `git hash-object` prints) is the one that commit records: a changed, cut or substituted file never passes.
+# Stanford's 52K records at a pinned commit, taken only if their git blob id is the one that commit records.
 ALPACA_DATA_URL = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
                    "761dc5bfbdeeffa89b8bff5d038781a4055f796a/alpaca_data.json")
 PINNED_DOWNLOADS = {ALPACA_DATA_URL: "3779ddbc040543ab1834ef216c983d6fcc06cc9a"}  # URL -> git blob id
@@ -93,14 +94,13 @@ class Config:
     lora_alpha: float = _f(8.0, "LoRA's update x A B is scaled by lora_alpha / lora_rank")
     lora_targets: str = _f("q,k,v,o,gate,up,down", "LoRA: the matrices adapted in every decoder layer")
     no_remat: bool = _f(False, "keep every layer's activations instead of recomputing them: faster, bigger")
-    # The run directory, checkpoints, logs, exports.
-    out: str = _f("runs/alpaca", "run directory (checkpoints, metrics.jsonl, exports); a rerun resumes it")
+    # The run directory, checkpoints, logs, exports: filesystem paths (a bucket: mount it).
+    out: str = _f("runs/alpaca", "run directory (checkpoints, metrics.jsonl, exports); one run at a time")
     checkpoint_every: int = _f(200, "steps between checkpoints; 0 = only at the end")
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep")
     log_every: int = _f(10, "steps between progress lines")
-    dry_run: bool = _f(False, "plan the data, compile the step for the devices here (for N elsewhere: "
-                              "XLA_FLAGS=--xla_force_host_platform_device_count=N JAX_PLATFORMS=cpu), print "
-                              "the memory one device needs at its peak, exit; reads no weights")
+    dry_run: bool = _f(False, "plan the data, compile the step for the devices here, print the memory one "
+                              "device needs at its peak, exit (machines not here: benchmarks/memory_plan.py)")
     device_memory_gb: float = _f(0.0, "--dry_run: GB of one device; 0 = what a GPU or TPU reports")
     hf_save_path: str = _f("", "exports: DIR/step_N every --hf_save_steps, DIR/final at the end; '' = OUT/hf")
     hf_save_steps: int = _f(0, "steps between Hugging Face exports; 0 = only at the end")
@@ -119,6 +119,11 @@ class Config:
 
 class InputError(Exception):
     """Bad flags, data or tokenizer: the message names what to fix. main prints it and exits 2."""
+
+
+class Stopped(Exception):
+    """The run stops on its own (a diverged loss, a failed checkpoint write), keeping every complete
+    checkpoint. main prints the message and exits 1."""
 
 
 # The README's first command: a real (tiny) pretrained Llama fine-tuned on 2,000 real Alpaca records, both
@@ -145,22 +150,33 @@ def parse_config(argv):
     return Config(**vars(parser.parse_args(argv)))
 
 
+def main_process():
+    """Process 0 of the job: with several hosts, the one that prints, logs and writes meta.json and exports."""
+    return jax.process_index() == 0
+
+
+def say(*args):
+    """Print, on process 0 only."""
+    if main_process():
+        print(*args, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 2. The run: train() is its whole life, one phase a line; the phases follow, in that order. Whatever the
-# flags, the data or the devices get wrong, preflight finds before a weight is read.
+# flags, the data or the devices get wrong, preflight finds before a weight is read or a file written.
 
 
 def train(c):
-    say = (lambda *a: print(*a, flush=True)) if jax.process_index() == 0 else (lambda *a: None)
-    run = preflight(c, say)  # flags x config.json x data x devices x the checkpoint to resume: all checked
-    say(plan_line(run.info, run.mesh.size))
-    step = make_step(c, run.mc, run.lc, run.mesh, run.plan["steps"], run.plan["micro_batches"])
-    state = restore_or_load(run, say)  # the latest complete checkpoint, or the HF weights
-    logs = open_logs(run)  # metrics.jsonl cut back to the checkpoint, wandb
-    preempted, state = train_loop(run, step, state, logs, say)  # steps, logs, checkpoints, SIGTERM
-    if preempted:
-        return 143  # a supervisor restarts the run, which resumes from the checkpoint just written
-    return finish(run, state, say)  # the HF (and PEFT) export, upload, sample
+    run = preflight(c)  # flags x config.json x data x devices x --out x the checkpoint to resume: all checked
+    say(plan_line(run.stats, run.mesh.size))
+    with own_out(run):  # one run at a time on --out; what a crash left there goes
+        step = make_step(c, run.mc, run.lc, run.mesh, run.plan["steps"], run.plan["micro_batches"])
+        state = restore_or_load(run)  # the latest complete checkpoint, or the HF weights
+        logs = open_logs(run)  # metrics.jsonl cut back to the checkpoint, wandb
+        stop, state = train_loop(run, step, state, logs)  # steps, logs, checkpoints; SIGTERM and Ctrl-C
+        if stop:  # 143 (SIGTERM): a supervisor restarts the run, which resumes; 130 (Ctrl-C)
+            return 128 + stop
+        return finish(run, state)  # the HF (and PEFT) export, upload, sample
 
 
 @dataclass(frozen=True)
@@ -173,53 +189,53 @@ class Run:
     mesh: jax.sharding.Mesh
     examples: dict  # tokenize_records'
     lengths: np.ndarray  # of the examples
-    plan: dict  # plan_steps'
-    info: dict  # data statistics, for the logs
+    plan: dict  # plan_steps', with the step's micro_batches
+    stats: dict  # of the data and the plan, for the logs
     meta: dict  # what each checkpoint's meta.json records of this run
     start: int  # the step of the checkpoint to resume from; 0 = a fresh start
     resumed: dict | None  # that checkpoint's meta.json
+    damaged: list  # the steps of newer checkpoints that are damaged (skipped)
+    exports: str  # --hf_save_path, or OUT/hf
     t_launch: float
 
 
-def preflight(c, say):
-    """Every check of the flags against config.json, the data, the devices and the checkpoint to resume from,
-    before anything is loaded or written (probes of --out and --hf_save_path aside). Returns the Run."""
-    t_launch, main_process = time.time(), jax.process_index() == 0
+def preflight(c):
+    """Every check of the flags against config.json, the data, the devices, --out and the checkpoint to
+    resume from, before anything is loaded or written (a probe file aside). Returns the Run."""
+    t_launch = time.time()
+    check_flags(c)
     model_dir, mc, lc = model_config(c)
     mesh = mesh_for(c, mc, lc)
-    start, resumed = resume_point(c.out, say)  # a resumed run keeps the data plan it started with
+    start, resumed, damaged = resume_point(c.out)  # a resumed run keeps the data plan it started with
     planned = c.data_parallel or (resumed or {}).get("data_parallel") or jax.device_count()
-    try:
-        examples, plan, info = prepare_data(c, mc, planned, jax.device_count())
-    except InputError as e:
-        raise InputError(f"--out {c.out}: the checkpoint of step {start} comes from a run whose {e}"
-                         if start and "cannot be split over" in str(e) else str(e))
-    problem = why_unwritable(c.out, f".write-test-{jax.process_index()}")
+    examples, plan, stats = prepare_data(c, mc, planned, jax.device_count())
+    problem = why_unwritable(c.out)
     if problem:
         raise InputError(f"--out {c.out}: not a writable directory ({problem})")
-    problem = why_unwritable(c.hf_save_path, ".write-test") if c.hf_save_path and main_process else ""
-    if agree(bool(problem)):  # only process 0 writes exports; every process stops with its message
+    problem = why_unwritable(c.hf_save_path) if c.hf_save_path and main_process() else ""
+    if from_process_0(bool(problem)):  # only process 0 writes exports; every process stops with its message
         raise InputError(f"--hf_save_path {c.hf_save_path}: not a writable directory on process 0 "
                          f"({problem or 'see its log'})")
-    if agree(bool(c.wandb_project) and main_process and not importlib.util.find_spec("wandb")):
+    if from_process_0(bool(c.wandb_project) and main_process() and not importlib.util.find_spec("wandb")):
         raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc), "data_parallel": planned,
             "data_hash": data_hash(examples), "base_fingerprint": lc and llama.weights_fingerprint(model_dir)}
-    check_shared_out(c.out)
     if start:
         check_resumable(resumed, c, meta, checkpoint_dir(c.out, start))
-    return Run(c, model_dir, mc, lc, mesh, examples, example_lengths(examples), plan, info,
-               meta, start, resumed, t_launch)
+    return Run(c=c, model_dir=model_dir, mc=mc, lc=lc, mesh=mesh, examples=examples,
+               lengths=example_lengths(examples), plan=plan, stats=stats, meta=meta, start=start,
+               resumed=resumed, damaged=damaged, exports=c.hf_save_path or os.path.join(c.out, "hf"),
+               t_launch=t_launch)
 
 
-def plan_line(info, devices):
-    line = (f"data: {info['examples']} examples ({info['dropped']} dropped), {info['steps']} steps of "
-            f"{info['rows_per_step']} rows x {info['seq_len']} tokens, ~{info['examples_per_step']} "
-            f"examples/step, {info['packing_efficiency']:.1%} of token slots real, {info['micro_batches']} "
+def plan_line(stats, devices):
+    line = (f"data: {stats['examples']} examples ({stats['dropped']} dropped), {stats['steps']} steps of "
+            f"{stats['rows_per_step']} rows x {stats['seq_len']} tokens, ~{stats['examples_per_step']} "
+            f"examples/step, {stats['packing_efficiency']:.1%} of token slots real, {stats['micro_batches']} "
             f"micro-batch(es), {devices} device(s)")
-    if abs(info["examples_per_step"] - info["batch_size"]) > 0.25 * info["batch_size"]:
-        line += (f"\nwarning: a step holds ~{info['examples_per_step']:.0f} examples, not --batch_size "
-                 f"{info['batch_size']}: its rows are a multiple of the devices; shorter rows come closer")
+    if abs(stats["examples_per_step"] - stats["batch_size"]) > 0.25 * stats["batch_size"]:
+        line += (f"\nwarning: a step holds ~{stats['examples_per_step']:.0f} examples, not --batch_size "
+                 f"{stats['batch_size']}: its rows are a multiple of the devices; shorter rows come closer")
     return line
 
 
@@ -232,21 +248,68 @@ def make_step(c, mc, lc, mesh, steps, micro_batches):
                                     num_micro_batches=micro_batches, remat=not c.no_remat, lora=lc)
 
 
+@contextmanager
+def own_out(run):
+    """Take --out for this run: process 0 holds a POSIX lock on OUT/.lock while it lives (the kernel drops it
+    however the process ends: a run that died never blocks its restart) and a second run is refused,
+    naming the first. With several processes, each must see what process 0 wrote there: --out is shared.
+    Then process 0 deletes what crashes left: uncommitted and damaged checkpoints."""
+    out, fd, owner = run.c.out, None, ""
+    token = from_process_0(int.from_bytes(os.urandom(3), "little"))
+    claim = f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} ({token})"
+    if main_process():
+        os.makedirs(out, exist_ok=True)
+        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):  # held by a live process
+                owner = os.read(fd, 200).decode(errors="replace") or "?"
+            else:  # a filesystem without locks
+                say(f"warning: {out}/.lock: no lock ({e.strerror}): a second run would not be refused")
+        if not owner:
+            os.ftruncate(fd, 0)
+            os.write(fd, claim.encode())
+    try:
+        if from_process_0(bool(owner)):
+            raise InputError(f"--out {out} is in use by another run ({owner or 'see process 0'}). Wait for it "
+                             "to end or stop it, or choose another --out")
+        if jax.process_count() > 1:  # each writes its checkpoint files there, for process 0 to commit
+            multihost_utils.sync_global_devices("out-claimed")
+            lock, seen = os.path.join(out, ".lock"), False
+            for _ in range(10):  # network filesystems may lag
+                seen = os.path.exists(lock) and f"({token})" in open(lock).read()
+                if seen:
+                    break
+                time.sleep(0.5)
+            blind = [i for i, (ok,) in enumerate(all_processes(seen)) if not ok]
+            if blind:
+                raise InputError(f"--out {out}: process(es) {blind} do not see what process 0 wrote there. With "
+                                 "several hosts, --out must be a directory they all share (NFS, GCS FUSE, ...)")
+        if main_process():
+            for s in run.damaged:  # skipped by preflight; remove_uncommitted deletes the rest
+                os.remove(os.path.join(checkpoint_dir(out, s), "meta.json"))
+            remove_uncommitted(out)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # the lock goes with it
+
+
 SAVED = ("trained", "opt_state")  # what a checkpoint holds of the state (sharding.py); "frozen" is --model's
 
 
-def restore_or_load(run, say):
+def restore_or_load(run):
     """The training state: what is trained and its AdamW state from the latest complete checkpoint, and what
     else it needs (the whole model, or LoRA's frozen base) from --model."""
     c, steps = run.c, run.plan["steps"]
-    if jax.process_index() == 0:
-        remove_uncommitted(c.out)  # what a crash left half-written
     like = sharding.abstract_state(run.mc, run.mesh, jnp.dtype(c.param_dtype), run.lc)
     saved = load_checkpoint(c.out, run.start, {k: like[k] for k in SAVED}) if run.start else {}
     if run.start:
         say(f"resuming from {checkpoint_dir(c.out, run.start)} (step {run.start} of {steps}, written by "
-            f"{run.resumed['processes']} process(es) x {run.resumed['devices']} devices)"
-            + f"\nall {steps} steps are done" * (run.start >= steps))
+            f"{run.resumed['processes']} process(es) x {run.resumed['devices']} devices)")
+    if run.start >= steps:
+        say(f"all {steps} steps are done")
     if run.start and not like["frozen"]:  # every weight was in the checkpoint
         return {**saved, "frozen": {}}
     if run.lc:
@@ -259,40 +322,53 @@ def restore_or_load(run, say):
     return {**sharding.init_state(run.mc, params, run.lc, jax.random.key(c.seed)), **saved}
 
 
-PREEMPTED = threading.Event()  # set by SIGTERM; the loop checkpoints and exits at the next step
+STOP = {"signal": 0}  # SIGTERM or a first Ctrl-C: the loop writes a checkpoint and exits at the next step
 
 
-class TrainingDiverged(Exception):
-    """A non-finite loss or gradient norm: the run stops, keeping the last good checkpoint."""
+def on_stop_signal(signum, _frame):
+    STOP["signal"] = signum
+    if signum == signal.SIGINT:  # from now on Ctrl-C takes its default action: the process ends at once
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.write(2, b"Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again stops at once, losing "
+                    b"the steps since the last checkpoint\n")  # not print: the handler may interrupt one
 
 
-def train_loop(run, step_fn, state, logs, say):
+def train_loop(run, step_fn, state, logs):
     """Steps run.start .. the last: each runs on the batch the host built during the one before, then logs and
-    checkpoints. Returns (whether a SIGTERM stopped it, the state)."""
+    checkpoints. Returns (the signal that stopped it or 0, the state)."""
     c, plan, steps = run.c, run.plan, run.plan["steps"]
-    signal.signal(signal.SIGTERM, lambda *_: PREEMPTED.set())
     batch_of = functools.partial(host_batch, run.examples, plan, sharding.batch_sharding(run.mesh))
-    batch, pending = batch_of(run.start) if run.start < steps else None, None  # pending: a background write
-    for k in range(run.start, steps):
-        state, m = step_fn(state, batch)
-        batch = batch_of(k + 1) if k + 1 < steps else None  # built while the devices run step k
-        m = {key: float(v) for key, v in jax.device_get(m).items()}
-        if k == run.start:
-            say(f"first step done {time.time() - run.t_launch:.1f}s after start (includes compilation)")
-        if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
-            finish_checkpoint(pending, c, run.meta)  # the last good one
-            raise TrainingDiverged(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training "
-                                   f"diverged (lower --lr?). The last good checkpoint is "
-                                   f"{latest_checkpoint(c.out)}; nothing was written for this step.")
-        log_step(run, logs, k, m, say)
-        pending, preempted = checkpoint_after_step(pending, c, k + 1, steps, state, run.meta, say)
-        if preempted:
-            say(f"SIGTERM: checkpoint written at step {k + 1}; exiting so that a supervisor restarts the run")
-            return True, state
-        if c.hf_save_steps and (k + 1) % c.hf_save_steps == 0 and k + 1 < steps:
-            pending = finish_checkpoint(pending, c, run.meta)[0]  # host memory: one write at a time
-            export_hf(run, state, os.path.join(hf_root(c), f"step_{k + 1:08d}"), say)
-    return False, state
+    batch = batch_of(run.start) if run.start < steps else None
+    checkpoints = Checkpointer(c.out, run.meta, c.keep_checkpoints)
+    default = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for k in range(run.start, steps):
+            state, m = step_fn(state, batch)
+            batch = batch_of(k + 1) if k + 1 < steps else None  # built while the devices run step k
+            m = {key: float(v) for key, v in jax.device_get(m).items()}
+            if k == run.start:
+                say(f"first step done {time.time() - run.t_launch:.1f}s after start (includes compilation)")
+            if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
+                checkpoints.poll(wait=True)  # the last good one, committed
+                raise Stopped(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
+                              f"(a lower --lr, in another --out?); nothing was written for this step. "
+                              f"{what_is_kept(c.out)}")
+            log_step(run, logs, k, m)
+            stop = checkpoints.poll()  # all processes: a stop signal anywhere? the write in flight done?
+            last = stop or k + 1 == steps
+            if last or (c.checkpoint_every and (k + 1) % c.checkpoint_every == 0):
+                checkpoints.save(k + 1, {key: state[key] for key in SAVED}, wait=last)
+            if stop:
+                say(f"{signal.Signals(stop).name}: checkpoint written at step {k + 1}; exiting"
+                    + (" so that a supervisor restarts the run" if stop == signal.SIGTERM else ""))
+                return stop, state
+            if c.hf_save_steps and (k + 1) % c.hf_save_steps == 0 and k + 1 < steps:
+                checkpoints.poll(wait=True)  # host memory: one write at a time
+                export_hf(run, state, os.path.join(run.exports, f"step_{k + 1:08d}"))
+        return 0, state
+    finally:
+        for s, handler in default.items():  # Ctrl-C while exporting interrupts at once
+            signal.signal(s, handler)
 
 
 # MFU: model FLOPs (llama.train_flops) over the datasheet's dense bf16 TFLOP/s of a jax device (the first key
@@ -302,25 +378,32 @@ PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e":
 
 
 def open_logs(run):
-    """The loop's log book: metrics.jsonl without what a killed run logged past its checkpoint (a line cut
-    short by a kill has no newline), wandb if asked (both process 0's), the counters since the last line."""
-    c, main_process = run.c, jax.process_index() == 0
-    path = os.path.join(c.out, "metrics.jsonl")
-    if main_process and os.path.exists(path):
-        with open(path) as fh:
-            kept = [line for line in fh if line.endswith("\n") and json.loads(line)["step"] <= run.start]
-        with _replaced(path) as tmp, open(tmp, "w") as fh:
+    """The loop's log book: metrics.jsonl without what a killed run logged past its checkpoint (a line it cut
+    short has no newline) or a damaged line (a warning names it: the log never stops a run), wandb if asked
+    (both process 0's), the counters since the last line."""
+    c, path = run.c, os.path.join(run.c.out, "metrics.jsonl")
+    if main_process() and os.path.exists(path):
+        kept, damaged = [], []
+        with open(path, errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                try:
+                    kept += [line] if json.loads(line)["step"] <= run.start and line.endswith("\n") else []
+                except (ValueError, KeyError, TypeError):
+                    damaged += [n] if line.endswith("\n") else []
+        if damaged:
+            say(f"warning: {path}: line(s) {damaged[:10]} are not a step's JSON record; dropped")
+        with llama.replaced(path) as tmp, open(tmp, "w") as fh:
             fh.writelines(kept)
     wandb = None
-    if c.wandb_project and main_process:
+    if c.wandb_project and main_process():
         import wandb  # optional; preflight found it
         wandb.init(project=c.wandb_project, config=dataclasses.asdict(c), resume="allow")
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in jax.devices()[0].device_kind), None)
-    return {"path": path if main_process else None, "wandb": wandb, "peak": peak, "t_window": time.time(),
+    return {"path": path if main_process() else None, "wandb": wandb, "peak": peak, "t_window": time.time(),
             "tokens": 0, "flops": 0.0, "last_logged": run.start}
 
 
-def log_step(run, logs, k, m, say):
+def log_step(run, logs, k, m):
     """Count the tokens and FLOPs of step k (0-based); every --log_every steps and at the end, a progress
     line, a metrics.jsonl record and a wandb point for the steps since the last one."""
     plan, step, steps, R = run.plan, k + 1, run.plan["steps"], run.plan["rows_per_step"]
@@ -337,29 +420,32 @@ def log_step(run, logs, k, m, say):
            "tflops_per_device": tflops, "mfu": tflops / logs["peak"] if logs["peak"] else None,
            "eta_s": dt / (step - logs["last_logged"]) * (steps - step), "elapsed_s": now - run.t_launch}
     mfu = f"  mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-    eta = time.strftime("%H:%M:%S", time.gmtime(rec["eta_s"])) if rec["eta_s"] < 86400 * 30 else "?"
+    eta = f"{int(rec['eta_s'] // 3600)}:{time.strftime('%M:%S', time.gmtime(rec['eta_s']))}"  # 30:00:00 = 30 h
     say(f"step {step}/{steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.3g}  grad_norm {rec['grad_norm']:.3f}  "
         f"tokens/s {rec['tokens_per_s']:,.0f}  {tflops:.3g} TFLOP/s/device{mfu}  eta {eta}")
     if logs["path"]:
-        with open(logs["path"], "a") as fh:
-            fh.write(json.dumps(rec) + "\n")
+        try:
+            with open(logs["path"], "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+        except OSError as e:  # name the file, which a failed write does not
+            raise OSError(e.errno, e.strerror, logs["path"]) from e
         if logs["wandb"]:
             logs["wandb"].log(rec, step=step)
     logs.update(t_window=now, tokens=0, flops=0.0, last_logged=step)
 
 
-def finish(run, state, say):
+def finish(run, state):
     """After the last step: the final Hugging Face export, then process 0 alone uploads it and answers
     --sample_instruction with it. Returns the exit status."""
-    c, main_process = run.c, jax.process_index() == 0
-    final = os.path.join(hf_root(c), "final")
-    export_hf(run, state, final, say)
+    c = run.c
+    final = os.path.join(run.exports, "final")
+    export_hf(run, state, final)
     if jax.process_count() > 1:
         # What is left is process 0's alone. Leave the distributed system now: at exit the others would wait
         # for process 0 at jax.distributed's shutdown barrier, which aborts them all after 300 s.
         jax.distributed.shutdown()
-    status = upload_hf(final, c.hf_upload, say) if c.hf_upload and main_process else 0
-    if c.sample_instruction and main_process:
+    status = upload_hf(final, c.hf_upload) if c.hf_upload and main_process() else 0
+    if c.sample_instruction and main_process():
         say(f"\n### Instruction:\n{c.sample_instruction}\n\n### Response (the fine-tuned model, greedy):")
         say(respond(final, c.sample_instruction, max_new_tokens=c.sample_tokens))
     return status
@@ -377,6 +463,7 @@ FLAG_RULES = {  # rule: the flags it applies to
 RULES = {"positive": lambda v: v > 0, "in [0, 1)": lambda v: 0 <= v < 1, ">= 0": lambda v: v >= 0,
          "in [0, 1]": lambda v: 0 <= v <= 1, "at least 1": lambda v: v >= 1,
          "float32, bfloat16 or float16": lambda v: v in ("float32", "bfloat16", "float16")}
+PATH_FLAGS = ("model", "tokenizer", "data", "cache_dir", "out", "hf_save_path")
 
 
 def check_flags(c):
@@ -385,6 +472,12 @@ def check_flags(c):
         for name in names.split():
             if not RULES[rule](getattr(c, name)):  # `not`, so that NaN fails too
                 raise InputError(f"--{name} must be {rule}, got {getattr(c, name)!r}")
+    for name in PATH_FLAGS:  # gs://, s3://, hdfs://...: os.makedirs would make a local folder "gs:"
+        value = getattr(c, name)
+        if re.match(r"[A-Za-z][\w+.-]*://", value) and not (name == "data" and value.startswith("http")):
+            raise InputError(f"--{name} {value}: this program reads and writes filesystem paths, not URLs. "
+                             "Mount a bucket (e.g. gcsfuse --implicit-dirs BUCKET /mnt/BUCKET) and give a "
+                             "path in it (e.g. /mnt/BUCKET/run1)")
     if c.steps == 0 and c.epochs == 0:
         raise InputError("give a positive --steps or --epochs")
     if c.seq_len < c.max_len:
@@ -394,6 +487,10 @@ def check_flags(c):
     if unknown or not lora_targets(c):
         raise InputError(f"--lora_targets {c.lora_targets!r}: unknown {unknown or 'empty'}; choose from "
                          f"{','.join(llama.LORA_TARGETS)}")
+    pruned = os.path.realpath(os.path.join(c.out, "checkpoints"))
+    if c.hf_save_path and os.path.commonpath([pruned, os.path.realpath(c.hf_save_path)]) == pruned:
+        raise InputError(f"--hf_save_path {c.hf_save_path}: inside {os.path.join(c.out, 'checkpoints')}, "
+                         "where checkpoint pruning deletes directories; choose a path outside it")
 
 
 def lora_targets(c):
@@ -401,8 +498,8 @@ def lora_targets(c):
 
 
 def model_config(c, weights=True):
-    """(model directory, LlamaConfig, LoraConfig or None), checked against the flags.
-    weights=False (--dry_run) reads config.json alone; weights=True also checks the safetensors headers."""
+    """(model directory, LlamaConfig, LoraConfig or None), checked against the flags. weights=False
+    (--dry_run, the planner) reads config.json alone; weights=True also checks the safetensors headers."""
     try:
         model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
         mc = llama.check_checkpoint(model_dir)[0] if weights else llama.read_config(model_dir)
@@ -429,11 +526,12 @@ def mesh_for(c, mc, lc):
     if c.data_parallel % devices:
         raise InputError(f"--data_parallel {c.data_parallel}: training splits the rows of a step over all "
                          f"{devices} devices, so it must be 0 or a multiple of {devices}")
+    mesh = sharding.make_mesh()
     try:
-        sharding.state_specs(mc, sharding.make_mesh(), lc)  # every weight must split over the devices
+        sharding.state_specs(mc, mesh, lc)  # every weight must split over the devices
     except ValueError as e:
         raise InputError(str(e))
-    return sharding.make_mesh()
+    return mesh
 
 
 def prepare_data(c, mc, planned, devices):
@@ -450,14 +548,13 @@ def prepare_data(c, mc, planned, devices):
     plan = plan_steps(lengths, seed=c.seed, rows_per_step=R, seq_len=c.seq_len, epochs=c.epochs,
                       steps=c.steps, pack=not c.no_pack)
     plan["micro_batches"] = micro
-    return examples, plan, {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len,
-                            "max_len": c.max_len, "batch_size": c.batch_size, "data_parallel": planned,
-                            "micro_batches": micro, "tokenize_seconds": round(time.perf_counter() - t0, 3),
-                            "cache_hit": hit}
+    return examples, plan, {**stats, **plan_stats(plan, lengths), "seq_len": c.seq_len, "max_len": c.max_len,
+                            "batch_size": c.batch_size, "data_parallel": planned, "micro_batches": micro,
+                            "tokenize_seconds": round(time.perf_counter() - t0, 3), "cache_hit": hit}
 
 
 def step_shape(c, lengths, planned, devices):
-    """(rows per step, micro-batches per step): rows planned for `planned` devices, split over `devices`."""
+    """(rows, micro-batches) of a step: rows planned for `planned` devices, split over `devices`."""
     if len(lengths) == 0:
         raise InputError("no examples left to train on: all were dropped (is --max_len shorter than the "
                          "prompts?)")
@@ -467,8 +564,9 @@ def step_shape(c, lengths, planned, devices):
     R = choose_rows_per_step(lengths, batch_size=c.batch_size, seq_len=c.seq_len, data_parallel=planned,
                              pack=not c.no_pack)
     if R % devices:  # only a run resumed on another device count gets here
-        raise InputError(f"steps have {R} rows (planned for --data_parallel {planned}): they cannot be split "
-                         f"over {devices} devices; resume on a device count that divides {R}")
+        raise InputError(f"--out {c.out}: the checkpoint to resume planned steps of {R} rows (for "
+                         f"--data_parallel {planned}): they cannot be split over {devices} devices; resume on "
+                         f"a device count that divides {R}")
     m = c.micro_batch_size
     if m and (R % m or m % devices):
         raise InputError(f"--micro_batch_size {m}: a micro-batch must divide the {R} rows of a step and be a "
@@ -477,12 +575,18 @@ def step_shape(c, lengths, planned, devices):
     return R, R // m if m else 1
 
 
-def why_unwritable(directory, probe):
-    """Why `directory` cannot be written to ('' when it can): made if missing, a file created in it."""
+def why_unwritable(path):
+    """Why no directory can be made or written at `path` ('' when it can): a probe file is created and
+    removed in it, or in its nearest existing parent, where the run would create it."""
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent) or "."
+    if not os.path.isdir(parent):
+        return f"{parent} is not a directory"
+    probe = os.path.join(parent, f".write-test-{os.uname().nodename}-{os.getpid()}")
     try:
-        os.makedirs(directory, exist_ok=True)
-        open(os.path.join(directory, probe), "w").close()
-        os.remove(os.path.join(directory, probe))
+        open(probe, "w").close()
+        os.remove(probe)
         return ""
     except OSError as e:
         return e.strerror or type(e).__name__
@@ -518,10 +622,12 @@ def check_resumable(resumed, c, meta, where):
 
 
 def load_records(source, cache_dir=".cache"):
-    """Alpaca records from a file or a URL. `input` may be missing (= ""); every present field must be a
-    string. Errors name the file and the line, or the record (0-based)."""
+    """Alpaca records from a file or a URL. `input` may be missing or null (= ""); every other field must be
+    a string. Errors name the file and the line, or the record (0-based)."""
     if source.startswith(("http://", "https://")):
         return download_records(source, cache_dir)
+    if os.path.isdir(source):
+        raise InputError(f"--data {source}: a directory, not a data file (a .json or .jsonl file of records)")
     if not os.path.isfile(source):
         raise InputError(f"--data {source}: no such file")
     return read_records(source)
@@ -530,7 +636,7 @@ def load_records(source, cache_dir=".cache"):
 def read_records(path, shown=None):
     shown, rows = shown or path, []
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark, as Windows editors write
             if path.endswith(".jsonl"):
                 for n, line in enumerate(fh, 1):
                     try:
@@ -548,6 +654,7 @@ def read_records(path, shown=None):
         raise InputError(f"{shown}: cannot read ({type(e).__name__}: {e})")
     if not rows:
         raise InputError(f"{shown}: the data set is empty")
+    records = []
     for where, r in rows:
         if not isinstance(r, dict):
             raise InputError(f"{shown}: {where}: expected an object with instruction/input/output, got "
@@ -555,11 +662,12 @@ def read_records(path, shown=None):
         for key in ("instruction", "output"):
             if key not in r:
                 raise InputError(f"{shown}: {where}: missing field '{key}'")
-        for key in ("instruction", "input", "output"):
-            if not isinstance(r.get(key, ""), str):
-                raise InputError(f"{shown}: {where}: field '{key}' is {type(r[key]).__name__}, not a string")
-    return [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]}
-            for _, r in rows]
+        r = {"instruction": r["instruction"], "input": "" if r.get("input") is None else r["input"], "output": r["output"]}
+        for key, value in r.items():  # "input": null (some variants' missing input) became ""
+            if not isinstance(value, str):
+                raise InputError(f"{shown}: {where}: field '{key}' is {type(value).__name__}, not a string")
+        records.append(r)
+    return records
 
 
 def git_blob_id(path):
@@ -573,8 +681,7 @@ def git_blob_id(path):
 
 def download_records(url, cache_dir):
     """The records of a .json/.jsonl URL, downloaded once into cache_dir/downloads. The bytes become the cache
-    entry (one rename) only once they are whole, the pinned file (PINNED_DOWNLOADS) and Alpaca records: a
-    failed, cut, wrong or unreadable download leaves nothing that a later run would read."""
+    entry only once they are whole, the pinned file (PINNED_DOWNLOADS) and Alpaca records."""
     ext = os.path.splitext(urllib.parse.urlparse(url).path)[1]
     if ext not in (".json", ".jsonl"):
         raise InputError(f"--data {url}: a URL must name a .json or .jsonl file")
@@ -587,7 +694,7 @@ def download_records(url, cache_dir):
         raise InputError(f"--cache_dir {cache_dir}: cannot write the download of {url} there ({e})")
     print(f"downloading {url} ...", file=sys.stderr, flush=True)
     try:
-        with _replaced(path, unique=True) as tmp:  # several hosts may download at once
+        with llama.replaced(path, unique=True) as tmp:  # several hosts may download at once
             with open(tmp, "wb") as fh, urllib.request.urlopen(url, timeout=60) as response:
                 shutil.copyfileobj(response, fh, 1 << 20)
                 size, expected = fh.tell(), response.headers.get("Content-Length")
@@ -742,8 +849,8 @@ def tokenize_cached(records, sp, max_len, cache_dir):
         pass  # missing or unreadable: tokenize (again)
     examples, stats = tokenize_records(records, sp, max_len)
     try:
-        os.makedirs(cache_dir, exist_ok=True)
-        with _replaced(path, unique=True) as tmp, open(tmp, "wb") as fh:  # a pod's hosts may write at once
+        os.makedirs(cache_dir, exist_ok=True)  # below, a name of its own: a pod's hosts may write at once
+        with llama.replaced(path, unique=True) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, stats=np.array(json.dumps(stats)), **examples)
     except OSError as e:
         raise InputError(f"--cache_dir {cache_dir}: cannot write the tokenization cache ({e})")
@@ -835,12 +942,12 @@ def plan_stats(plan, lengths):
 #   positions    0, 1, 2, ... restarting at each example's first token; 0 on padding
 
 
-def make_batch(examples, plan, step, rows=None):
-    """The batch of `step`, or only rows[0]:rows[1] of it."""
+def make_batch(examples, plan, step, span=None):
+    """The batch of `step`, or only its rows span[0]:span[1]."""
     if not 0 <= step < plan["steps"]:
         raise IndexError(f"step {step} is outside the plan's {plan['steps']} steps")
     R, T = plan["rows_per_step"], plan["seq_len"]
-    lo, hi = rows or (0, R)
+    lo, hi = span or (0, R)
     b = {k: np.zeros((hi - lo, T), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
     b["loss_mask"] = np.zeros((hi - lo, T), np.float32)
     tokens, offsets, loss_start = examples["tokens"], examples["offsets"], examples["loss_start"]
@@ -876,9 +983,8 @@ def host_batch(examples, plan, batch_sharding, step):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Several hosts: one process per host, joined by jax.distributed; the mesh spans them all. Each process
-# plans the whole data set but builds only its devices' rows and writes only their checkpoint slices.
-# Process 0 alone prints, writes metrics.jsonl, meta.json and the exports. (The README: "Several hosts".)
+# 8. Several hosts: one process per host, joined by jax.distributed; the mesh spans them all (README:
+# "Several hosts"). Each process builds only its devices' rows and writes only their checkpoint slices.
 
 
 def init_distributed():
@@ -918,136 +1024,80 @@ def all_processes(*values):
     return np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, len(values))
 
 
-def agree(value):
-    """Process 0's int value, on every process (its view of the shared --out decides)."""
+def from_process_0(value):
+    """Process 0's int value, on every process: its view of the shared --out decides for all."""
     return int(all_processes(value)[0, 0])
 
 
-def check_shared_out(out):
-    """With several processes, --out must be one directory that all see: each writes its own checkpoint
-    file there and process 0 commits the checkpoint once all are written."""
-    if jax.process_count() == 1:
-        return
-    probe = os.path.join(out, f".shared-check-{agree(int.from_bytes(os.urandom(3), 'little'))}")
-    if jax.process_index() == 0:
-        open(probe, "w").close()
-    multihost_utils.sync_global_devices("shared-out-written")
-    for _ in range(10):  # network filesystems may lag
-        if os.path.exists(probe):
-            break
-        time.sleep(0.5)
-    blind = [i for i, (seen,) in enumerate(all_processes(os.path.exists(probe))) if not seen]
-    if jax.process_index() == 0:
-        os.remove(probe)
-    if blind:
-        raise InputError(f"--out {out}: process(es) {blind} do not see the file process 0 wrote there. "
-                         "With several hosts, --out must be a directory they all share (NFS, GCS FUSE, ...)")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 9. Checkpoints: OUT/checkpoints/step_N/ holds process_i.safetensors from each process (the slices of the
-# state its devices hold, one tensor a slice, named NAME@START) and meta.json (the run's flags, model
-# config, data fingerprint, and the device count its data plan was made for), the commit marker:
-#   1. each process writes its file under a temporary name, flushes it to storage and renames it into
-#      place (no directory is ever renamed: object-store mounts cannot);
-#   2. at a step boundary the processes tell each other that they have finished (all_processes);
-#   3. process 0 writes meta.json, again through a temporary name.
-# A checkpoint is complete if and only if meta.json exists; a directory without one is deleted at the next
-# start. Files are written in a background thread (the step waits only for the copy to host memory), one
-# checkpoint at a time; SIGTERM and the last step write synchronously. Any device layout reads any
-# checkpoint: each process reads, memory-mapped, the parts of the saved slices its devices need.
+# 9. Checkpoints: OUT/checkpoints/step_N/ holds process_i.safetensors from each process (its devices' slices
+# of the state, a tensor NAME@START a slice) and meta.json, the commit marker written last by process 0
+# once every process has written its file (README: "Checkpoints"). Any device layout reads any checkpoint.
 
 
-class CheckpointFailed(Exception):
-    """A checkpoint could not be written: the run stops, keeping the last complete checkpoint."""
+class Checkpointer:
+    """The loop's checkpoints, one write at a time. save() copies this process's slices to host memory (all
+    that the step waits for) and writes them in a worker thread; poll(), at every step boundary on every
+    process, tells all whether any process got a stop signal and whether the write in flight has finished
+    or failed, and commits it once it has finished everywhere."""
+
+    def __init__(self, out, meta, keep):
+        self.out, self.meta, self.keep = out, meta, keep
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+        self.pending = None  # (step, Future) of the write in flight; the Future carries its exception
+
+    def save(self, step, state, wait=False):
+        self.poll(wait=True)  # the write before, committed
+        slices = {}
+        for name, arr in llama.named_leaves(state):
+            for shard in arr.addressable_shards:  # a slice on several devices (replicated) is written once
+                start = ",".join(str(s.indices(n)[0]) for s, n in zip(shard.index, arr.shape))
+                slices.setdefault(f"{name}@{start}", shard.data).copy_to_host_async()
+        slices = {k: np.array(v) for k, v in slices.items()}  # copies: the step to come donates the buffers
+        self.pending = step, self.worker.submit(self._write, step, slices)
+        say(f"checkpoint {checkpoint_dir(self.out, step)}{'' if wait else ' (writing in the background)'}")
+        if wait:
+            self.poll(wait=True)
+            if main_process():
+                remove_uncommitted(self.out)  # the files of the checkpoints pruned by the commit
+
+    def _write(self, step, slices):  # in the worker thread
+        if main_process():
+            remove_uncommitted(self.out, but=step)  # pruned checkpoints' files, off the training path
+        path = os.path.join(checkpoint_dir(self.out, step), f"process_{jax.process_index():05d}.safetensors")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with llama.replaced(path) as tmp:
+            save_file(slices, tmp)
+
+    def poll(self, wait=False):
+        """Returns the stop signal that any process got (0: none). Raises Stopped on every process if the
+        write failed on any."""
+        step, future = self.pending or (0, None)
+        if future and wait:
+            future.exception()  # waits for it
+        done = future is None or future.done()
+        flags = all_processes(STOP["signal"], done, done and future is not None and future.exception() is not None)
+        if future is None or not flags[:, 1].all():
+            return int(flags[:, 0].max())
+        self.pending = None
+        if flags[:, 2].any():
+            error = future.exception()
+            why = f": {type(error).__name__}: {error}" if error else ""
+            raise Stopped(f"writing checkpoint {checkpoint_dir(self.out, step)} failed on process(es) "
+                          f"{flags[:, 2].nonzero()[0].tolist()}{why}. Nothing was committed for step {step}. "
+                          f"{what_is_kept(self.out)}")
+        if main_process():  # the commit; then pruning: the older ones' meta.json now, their files later
+            meta = dict(self.meta, step=step, processes=jax.process_count(), devices=jax.device_count())
+            with llama.replaced(os.path.join(checkpoint_dir(self.out, step), "meta.json")) as tmp:
+                with open(tmp, "w") as fh:
+                    json.dump(meta, fh)
+            for old in list_checkpoints(self.out)[:-self.keep]:
+                os.remove(os.path.join(checkpoint_dir(self.out, old), "meta.json"))
+        return int(flags[:, 0].max())
 
 
 def checkpoint_dir(out, step):
     return os.path.join(out, "checkpoints", f"step_{step:08d}")
-
-
-@contextmanager
-def _replaced(path, unique=False):
-    """Write `path` through a temporary name (unique: one of its own, for files that several processes may
-    write at once): the body writes the name it is given, which is flushed to storage and renamed into
-    place; on failure nothing is left."""
-    tmp = f"{path}{'.' + os.urandom(4).hex() if unique else ''}.partial"
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def start_checkpoint(out, step, state):
-    """Step 1: copy this process's slices of `state` to host memory (the caller waits for that only: the
-    next step donates the device buffers), then write them in a thread. Returns (step, thread, errors)."""
-    slices = {}
-    for name, arr in llama.named_leaves(state):
-        for shard in arr.addressable_shards:  # a slice on several devices (replicated) is written once
-            start = ",".join(str(s.indices(n)[0]) for s, n in zip(shard.index, arr.shape))
-            slices.setdefault(f"{name}@{start}", shard.data).copy_to_host_async()
-    slices = {k: np.array(v) for k, v in slices.items()}  # copies: the step to come donates the buffers
-    path = os.path.join(checkpoint_dir(out, step), f"process_{jax.process_index():05d}.safetensors")
-    errors = []
-
-    def write():
-        try:
-            if jax.process_index() == 0:
-                remove_uncommitted(out, but=step)  # pruned checkpoints' files, off the training path
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with _replaced(path) as tmp:
-                save_file(slices, tmp)
-        except BaseException as e:
-            errors.append(e)
-
-    thread = threading.Thread(target=write, name=f"checkpoint-{step}", daemon=True)
-    thread.start()
-    return step, thread, errors
-
-
-def finish_checkpoint(pending, c, meta, wait=True):
-    """At a step boundary, on every process: commit the pending write (or None) once every process's thread
-    has finished, waiting for them if `wait`; if one failed, raise CheckpointFailed on every process.
-    Returns (the write still pending or None, whether any process received SIGTERM)."""
-    step, thread, errors = pending or (0, None, [])
-    if thread and wait:
-        thread.join()
-    flags = all_processes(PREEMPTED.is_set(), not (thread and thread.is_alive()), bool(errors))
-    preempted, done, failed = bool(flags[:, 0].any()), flags[:, 1].all(), flags[:, 2].nonzero()[0].tolist()
-    if thread is None or not done:
-        return pending, preempted
-    if failed:
-        why = f": {type(errors[0]).__name__}: {errors[0]}" if errors else ""
-        raise CheckpointFailed(f"writing checkpoint {checkpoint_dir(c.out, step)} failed on process(es) "
-                               f"{failed}{why}. Nothing was committed for step {step}; the latest complete "
-                               f"checkpoint is {latest_checkpoint(c.out)}.")
-    if jax.process_index() == 0:  # step 3, then pruning: the older ones' meta.json now, their files later
-        with _replaced(os.path.join(checkpoint_dir(c.out, step), "meta.json")) as tmp, open(tmp, "w") as fh:
-            json.dump(dict(meta, step=step, processes=jax.process_count(), devices=jax.device_count()), fh)
-        for old in list_checkpoints(c.out)[:-c.keep_checkpoints]:
-            os.remove(os.path.join(checkpoint_dir(c.out, old), "meta.json"))
-    return None, preempted
-
-
-def checkpoint_after_step(pending, c, step, steps, state, meta, say):
-    """The loop's checkpointing after `step`, on every process: commit or fail the pending write, then write
-    checkpoint `step` if due: every --checkpoint_every steps in the background, at the end and on SIGTERM (to
-    any process) synchronously. Returns (pending, preempted)."""
-    pending, preempted = finish_checkpoint(pending, c, meta, wait=False)
-    last = preempted or step == steps
-    if last or (c.checkpoint_every and step % c.checkpoint_every == 0):
-        finish_checkpoint(pending, c, meta)  # at most one write in flight
-        pending = start_checkpoint(c.out, step, {k: state[k] for k in SAVED})
-        if last:
-            pending = finish_checkpoint(pending, c, meta)[0]
-            if jax.process_index() == 0:
-                remove_uncommitted(c.out)
-        say(f"checkpoint {checkpoint_dir(c.out, step)}{'' if last else ' (writing in the background)'}")
-    return pending, preempted
 
 
 def list_checkpoints(out):
@@ -1055,10 +1105,6 @@ def list_checkpoints(out):
     root = os.path.join(out, "checkpoints")
     return sorted(int(d[5:]) for d in (os.listdir(root) if os.path.isdir(root) else [])
                   if re.fullmatch(r"step_\d{8}", d) and os.path.exists(os.path.join(root, d, "meta.json")))
-
-
-def latest_checkpoint(out):
-    return f"step {list_checkpoints(out)[-1]}" if list_checkpoints(out) else "none"
 
 
 def remove_uncommitted(out, but=-1):
@@ -1091,26 +1137,27 @@ def read_checkpoint(out, step):
         return None, f"{file}: {type(e).__name__}: {e}"
 
 
-def resume_point(out, say):
-    """(step, meta.json) of the newest complete checkpoint in OUT whose files are whole, (0, None) if there
-    is none, as process 0 sees them. Damaged ones are skipped, saying why, and uncommitted; if all are,
-    stop."""
-    step, meta, skipped = 0, None, []
-    for s in reversed(list_checkpoints(out)) if jax.process_index() == 0 else []:
+def resume_point(out):
+    """(step, meta.json, damaged steps): the newest complete checkpoint in OUT whose files are whole
+    ((0, None) if there is none) and the newer ones that are damaged, skipped with a warning, as process 0
+    sees them. If every checkpoint is damaged, stop. Nothing is deleted here (own_out does that)."""
+    step, meta, damaged = 0, None, []
+    for s in reversed(list_checkpoints(out)) if main_process() else []:
         meta, problem = read_checkpoint(out, s)
         if meta:
             step = s
             break
-        skipped.append((s, problem))
-    if agree(bool(skipped) and not step):
+        damaged.append((s, problem))
+    if from_process_0(bool(damaged) and not step):
         raise InputError(f"--out {out}: every checkpoint there is damaged, none can be resumed: "
-                         f"{'; '.join(p for _, p in skipped) or 'see the log of process 0'}. Move them "
+                         f"{'; '.join(p for _, p in damaged) or 'see the log of process 0'}. Move them "
                          "away to start afresh.")
-    for s, problem in skipped:
+    for s, problem in damaged:
         say(f"warning: skipping the damaged checkpoint {checkpoint_dir(out, s)}: {problem}")
-        os.remove(os.path.join(checkpoint_dir(out, s), "meta.json"))  # the next start deletes the rest
-    step = agree(step)
-    return step, (meta if jax.process_index() == 0 else read_checkpoint(out, step)[0]) if step else None
+    step = from_process_0(step)
+    if step and not main_process():
+        meta = read_checkpoint(out, step)[0]
+    return step, meta, [s for s, _ in damaged]
 
 
 def load_checkpoint(out, step, like):
@@ -1153,14 +1200,9 @@ def data_hash(examples):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 10. Hugging Face export, upload and generation
-#
-# The export is a directory that transformers' AutoModelForCausalLM and AutoTokenizer load unchanged. We
-# write the tokenizer's configs (LlamaTokenizer, BOS added, legacy): transformers 5 loads a folder holding
-# only tokenizer.model as a tokenizer that adds no BOS. No pad token is added (packing needs none), so the
-# vocabulary is the base model's. The chat template renders Stanford's prompt, so that the export is
-# prompted elsewhere exactly as in training: the last "user" message is the instruction, an "input" message
-# (optional) the input.
+# 10. Hugging Face export, upload and generation. The export loads unchanged in transformers (README:
+# "Export"); its chat template renders Stanford's prompt: the last "user" message is the instruction, an
+# "input" message (optional) the input.
 
 
 def chat_template():
@@ -1175,36 +1217,23 @@ def chat_template():
             + "{% endif %}")
 
 
-def hf_root(c):
-    return c.hf_save_path or os.path.join(c.out, "hf")
-
-
-def export_hf(run, state, path, say):
+def export_hf(run, state, path):
     """Every process calls this (the per-tensor gathers are collective); process 0 writes. With LoRA: `path`
     gets the merged model (W + alpha/r A B: a plain Llama), `path`-adapter the PEFT adapter, whose
     adapter_config.json names --model as its base (a local one by its absolute path)."""
     c, mc, lc = run.c, run.mc, run.lc
     weights, adapters = (state["frozen"], state["trained"]) if lc else (state["trained"], None)
-    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
-    extra = {"tokenizer_config.json": {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True,
-                                       "add_eos_token": False, "legacy": True,
-                                       "model_max_length": mc.max_position_embeddings,
-                                       "chat_template": chat_template()},
-             "special_tokens_map.json": special,
-             "generation_config.json": {"bos_token_id": mc.bos_token_id, "eos_token_id": mc.eos_token_id,
-                                        "do_sample": False}}
-    tokenizer = [tokenizer_path(c.tokenizer or run.model_dir)]
-    llama.save_hf(path, mc, weights, dtype=jnp.dtype(c.hf_dtype), extra_files=extra, copy_files=tokenizer,
-                  lora=adapters, lora_scale=lc.scale if lc else 1.0)
+    tokenizer = dict(tokenizer=tokenizer_path(c.tokenizer or run.model_dir), chat_template=chat_template())
+    llama.save_hf(path, mc, weights, dtype=jnp.dtype(c.hf_dtype), lora=adapters,
+                  lora_scale=lc.scale if lc else 1.0, **tokenizer)
     say(f"exported Hugging Face checkpoint to {path}{' (LoRA merged)' if lc else ''}")
     if lc:
         base = os.path.abspath(c.model) if os.path.isdir(c.model) else c.model
-        llama.save_peft(f"{path}-adapter", mc, lc, adapters, base_model=base, copy_files=tokenizer,
-                        extra_files=extra)
+        llama.save_peft(f"{path}-adapter", mc, lc, adapters, base_model=base, **tokenizer)
         say(f"exported PEFT adapter to {path}-adapter")
 
 
-def upload_hf(path, repo_id, say):
+def upload_hf(path, repo_id):
     """Upload an export to the Hub (token: HF_TOKEN or `hf auth login`). A failure keeps the local copy."""
     try:
         HfApi().create_repo(repo_id, exist_ok=True, private=True)
@@ -1219,19 +1248,26 @@ def upload_hf(path, repo_id, say):
 def respond(model, instruction, input_text="", *, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
     """The answer of a Hugging Face checkpoint to one instruction through the template: BOS + prompt,
     generate up to max_new_tokens (or what the model's context leaves), cut at EOS."""
+    if re.fullmatch(r"step_\d{8}", os.path.basename(os.path.normpath(model))) and \
+            os.path.exists(os.path.join(model, "meta.json")):
+        out = os.path.dirname(os.path.dirname(os.path.abspath(model)))
+        raise InputError(f"--model {model}: a training checkpoint; generation takes a Hugging Face export, "
+                         f"e.g. {os.path.join(out, 'hf', 'final')} (or DIR/final of the run's --hf_save_path)")
     try:
         mc, params = llama.load_hf(model)
     except (llama.CheckpointError, OSError) as e:
         raise InputError(f"--model {model}: {e}")
     sp = load_tokenizer(llama.resolve_model_path(model))
     ids = [sp.bos_id()] + sp.encode(format_prompt({"instruction": instruction, "input": input_text}))
-    new = min(max_new_tokens, max(1, mc.max_position_embeddings - len(ids)))
-    try:
-        out = llama.generate(params, np.array([ids], np.int32), mc, max_new_tokens=new,
-                             temperature=temperature, top_p=top_p, key=jax.random.PRNGKey(seed),
-                             eos_token_id=sp.eos_id())
-    except ValueError as e:  # the arguments of generate are the flags of `alpaca.py generate`
-        raise InputError(str(e) if str(e).startswith("the prompt") else f"--{e}")
+    if len(ids) >= mc.max_position_embeddings:
+        raise InputError(f"the prompt is {len(ids)} tokens: no room left in the model's context of "
+                         f"{mc.max_position_embeddings}")
+    try:  # the flags of `alpaca.py generate` are generate's arguments, named alike
+        out = llama.generate(params, np.array([ids], np.int32), mc, temperature=temperature, top_p=top_p,
+                             max_new_tokens=min(max_new_tokens, mc.max_position_embeddings - len(ids)),
+                             key=jax.random.PRNGKey(seed), eos_token_id=sp.eos_id())
+    except ValueError as e:
+        raise InputError(f"--{e}")
     out = [int(t) for t in np.asarray(out)[0]]
     return sp.decode(out[:out.index(sp.eos_id())] if sp.eos_id() in out else out).strip()
 
@@ -1254,7 +1290,7 @@ def generate_main(argv):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 11. main
+# 11. main, and --dry_run
 
 
 def compile_step(c, mc, lc, mesh, rows, micro_batches):
@@ -1273,43 +1309,51 @@ def peak_bytes(m):
 def dry_run(c):
     """--dry_run: the data plan and what one device holds at the peak of a step: XLA's figure for the train
     step compiled for the devices here, from shapes alone. For a person on stderr, one JSON line on stdout."""
+    check_flags(c)
     _, mc, lc = model_config(c, weights=False)
     mesh = mesh_for(c, mc, lc)
-    _, plan, info = prepare_data(c, mc, c.data_parallel or jax.device_count(), jax.device_count())
+    _, plan, stats = prepare_data(c, mc, c.data_parallel or jax.device_count(), jax.device_count())
     total = peak_bytes(compile_step(c, mc, lc, mesh, plan["rows_per_step"], plan["micro_batches"])
                        .memory_analysis())
     limit = c.device_memory_gb * 1e9 or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     memory = {"devices": mesh.size, "device_kind": jax.devices()[0].device_kind, "bytes_per_device": total,
               "limit_bytes": limit, "fits": total <= limit if limit else None}
     verdict = f": {'fits' if memory['fits'] else 'does NOT fit'} in {limit / 1e9:.2f} GB" if limit else ""
-    print(f"{plan_line(info, mesh.size)}\nmemory: {total / 1e9:.2f} GB per device at the peak of a step "
+    print(f"{plan_line(stats, mesh.size)}\nmemory: {total / 1e9:.2f} GB per device at the peak of a step "
           f"(XLA's figure for the compiled step){verdict}", file=sys.stderr, flush=True)
-    print(json.dumps({**info, "memory": memory}))
+    print(json.dumps({**stats, "memory": memory}))
     return 0
 
 
 def main(argv=None):
-    argv, c = sys.argv[1:] if argv is None else list(argv), None
+    argv, out = sys.argv[1:] if argv is None else list(argv), None
     try:
         if argv[:1] == ["generate"]:
             return generate_main(argv[1:])
         c = parse_config(argv)
-        check_flags(c)
         if c.dry_run:
             return dry_run(c)
         init_distributed()
+        out = c.out
         return train(c)
     except InputError as e:
         status, message = 2, str(e)
-    except (TrainingDiverged, CheckpointFailed) as e:
+    except Stopped as e:
         status, message = 1, str(e)
+    except KeyboardInterrupt:  # before the loop or after it (the export): Ctrl-C's default
+        status, message = 130, f"interrupted. {what_is_kept(out)}"
+    except OSError as e:  # a full disk, a read-only or vanished directory: nothing complete is lost
+        status, message = 1, f"{e.filename or 'a file'}: {e.strerror or e}. {what_is_kept(out)}"
     except Exception as e:
-        if not _joined():
+        if not (jax.distributed.is_initialized() and jax.process_count() > 1):
             raise
         traceback.print_exc()
-        status, message = 1, _failed_message(e, c)
+        status, message = 1, (f"process {jax.process_index()} of {jax.process_count()} stopped: "
+                              f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}\nIf another "
+                              f"process of this job died or lost its connection, its log says why. Restart "
+                              f"all {jax.process_count()} processes with the same command. {what_is_kept(out)}")
     print(f"alpaca.py: error: {message}", file=sys.stderr)
-    if _joined():
+    if jax.distributed.is_initialized() and jax.process_count() > 1:
         # Skip Python's exit, whose jax.distributed handler waits at a shutdown barrier (up to 300 s, then
         # aborts) for every process, dead ones included. Our connections close at once, so the other
         # processes fail at their next collective instead of waiting on us.
@@ -1319,20 +1363,13 @@ def main(argv=None):
     return status
 
 
-def _joined():
-    """Whether this process is one of several joined by jax.distributed."""
-    return jax.distributed.is_initialized() and jax.process_count() > 1
-
-
-def _failed_message(e, c):
-    """What a process says when it stops because another died or hung (a collective failed)."""
-    kept = list_checkpoints(c.out) if c else []
-    resume = (f"the run resumes from the last complete checkpoint, {checkpoint_dir(c.out, kept[-1])}" if kept
-              else "there is no complete checkpoint yet: the run starts afresh")
-    return (f"process {jax.process_index()} of {jax.process_count()} stopped: {type(e).__name__}: "
-            f"{(str(e).strip().splitlines() or [''])[0]}\nIf another process of this job died or lost its "
-            f"connection, its log says why. Restart all {jax.process_count()} processes with the same "
-            f"command: {resume}.")
+def what_is_kept(out):
+    """What a stopped run still has in --out, and what the same command does next."""
+    kept = list_checkpoints(out) if out else []
+    if not kept:
+        return "There is no complete checkpoint yet: the same command starts afresh."
+    return (f"Every complete checkpoint is kept; the same command resumes from the latest, "
+            f"{checkpoint_dir(out, kept[-1])}, and exports once every step is done.")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,13 @@
 Read top to bottom:
   1. LlamaConfig, as in a Hugging Face config.json.
   2. Parameters: a dict of arrays, decoder layers stacked on a leading L axis; LoRA adapters likewise.
-  3. The forward pass: embed, one lax.scan over layers (RMSNorm, RoPE, grouped-query attention under a
-     causal + segment mask, SwiGLU MLP), final norm, LM head. A per-layer hook lets sharding.py all-gather
-     FSDP shards inside the scan without this file knowing about devices.
+  3. The forward pass: embed, one lax.scan over layers (RMSNorm, RoPE, grouped-query attention under a causal
+     + segment mask, SwiGLU MLP), final norm, LM head. A per-layer hook lets sharding.py all-gather FSDP
+     shards inside the scan without this file knowing about devices.
   4. The loss (summed cross-entropy, number of loss tokens) and the FLOPs of training, for MFU.
   5. Generation with a KV cache.
   6. Hugging Face safetensors in (streamed, optionally straight into a sharding; damage is an error naming
-     the file) and out (sharded; complete once config.json, the commit marker, is written last; LoRA
-     adapters merged, or as a PEFT directory).
+     the file) and out (with the tokenizer, config.json last as the commit marker; LoRA merged, or PEFT).
   7. `python llama.py compare`: our logits against transformers'.
 
 Shape letters: B batch, T time (queries), S time (keys), D model width, H query heads, K kv heads,
@@ -30,7 +29,7 @@ import math
 import os
 import shutil
 import sys
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -171,10 +170,9 @@ def init_params(mc: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> d
 
 
 # LoRA (Hu et al. 2021): a frozen matrix W [in, out] gets a trainable low-rank update, x W + s (x A) B with
-# A [in, r], B [r, out] and s = alpha / r. The adapters live in their own tree, stacked like the layers:
-#   {"layers": {"wq": {"a": [L, D, r], "b": [L, r, H*E]}, ...}}
-# Only the targeted matrices have an entry. Training never forms the update as an [in, out] matrix (a
-# full-size product per matrix, differentiated); merging W + s A B is for export only.
+# A [in, r], B [r, out] and s = alpha / r. The adapters of the targeted matrices live in their own tree,
+# stacked like the layers: {"layers": {"wq": {"a": [L, D, r], "b": [L, r, H*E]}, ...}}. Training never
+# forms the update as an [in, out] matrix (a full-size product, differentiated); merging is for export.
 LORA_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
 
 
@@ -247,10 +245,9 @@ def apply_rope(x, cos, sin):
 def attention(q, k, v, mask, causal: bool):
     """Grouped-query attention. q [B, T, K, G, E]; k, v [B, S, K, E]; mask [B, T, S]. Query head h = k*G + g
     uses kv head k (HF's repeat_kv order). Scores and softmax in float32. When causal (S == T), query block
-    [lo, hi) only scores keys [0, hi), all the mask lets it see: the blocks above the diagonal are skipped,
-    ~2.5x faster forward+backward on CPU, where the [B, K, G, T, S] scores dominate. Blocks of 64, or T/16
-    for long rows (compile time grows with their number). Other packed examples' blocks are still computed:
-    skipping them per row needs a hand-written flash-attention backward."""
+    [lo, hi) only scores keys [0, hi): the blocks above the diagonal are skipped, ~2.5x faster on CPU, where
+    the [B, K, G, T, S] scores dominate. Blocks of 64, or T/16 for long rows (compile time grows with their
+    number). Other packed examples' blocks are still computed (skipping them needs a flash backward)."""
     T, S, E = q.shape[1], k.shape[1], q.shape[-1]
     block = max(64, T // 16) if causal else T
     outs = []
@@ -384,8 +381,8 @@ def train_flops(mc: LlamaConfig, example_lengths, frozen_weights: bool = False) 
 def generate(params, prompt, mc: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, key=None, eos_token_id: int | None = None, compute_dtype=None):
     """Continue prompts (int32 [B, T0], same length) by up to max_new_tokens tokens. Returns int32
-    [B, max_new_tokens]; after a sequence's EOS the rest is filled with EOS. The arguments are checked here,
-    once, in the command line's words. The prompt runs once (prefill), then each token is one position."""
+    [B, max_new_tokens]; after a sequence's EOS the rest is filled with EOS (ValueError for arguments out of
+    range). The prompt runs once (prefill), then each token is one position."""
     prompt = jnp.asarray(prompt, jnp.int32)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if max_new_tokens < 1:
@@ -453,8 +450,7 @@ def sample_token(logits, key, temperature, top_p):
 
 # --- 6. Hugging Face checkpoints ----------------------------------------------------------------------------
 
-HF_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-            "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "adapter_config.json"]
+HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]  # what we read
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old Llama conversions store RoPE frequencies; we recompute them
 
 
@@ -536,11 +532,11 @@ def check_checkpoint(path: str):
     missing = sorted(set(expected) - set(where))
     unexpected = sorted(set(where) - set(expected) - ignorable)
     if missing:
-        raise CheckpointError(f"{path}: missing tensors {missing[:5]}{' ...' * (len(missing) > 5)} "
-                              f"({len(missing)} in all) for the config in config.json")
+        raise CheckpointError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all) for the config "
+                              "in config.json")
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]}{' ...' * (len(unexpected) > 5)} "
-                              f"({len(unexpected)} in all): not a plain Llama checkpoint?")
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]} ({len(unexpected)} in all): not a "
+                              "plain Llama checkpoint?")
     for file in sorted(set(where[name] for name in expected)):
         with _reading(file), safe_open(file, framework="numpy") as f:
             for name in (n for n in expected if where[n] == file):
@@ -589,9 +585,8 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
 
 
 def weights_fingerprint(path: str) -> str:
-    """A fingerprint of a local checkpoint's weights, cheap at any size: each tensor's name, shape and dtype
-    and 16 of its rows spread evenly. A LoRA run's checkpoints hold only the adapters: this tells it whether
-    the base it resumes on is the one they were trained on."""
+    """A fingerprint of a local checkpoint's weights, cheap at any size (names, shapes, dtypes, 16 rows of
+    each tensor): a LoRA checkpoint holds only adapters; this tells whether a resume has their base."""
     _, where, expected = check_checkpoint(path)
     h = hashlib.sha256()
     for name in sorted(expected):
@@ -614,9 +609,8 @@ _take_layer = jax.jit(functools.partial(jax.lax.dynamic_index_in_dim, keepdims=F
 
 
 def hf_tensors(mc: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
-    """Yield (HF name, numpy array in HF orientation) in _expected_tensors' order, adapted matrices merged
-    (W + s A B) on the host. One process gets each stack whole, straight to the host; several gather it one
-    layer at a time, so that no device holds a whole stack (11 GB for 13B's w_gate) or a second model."""
+    """Yield (HF name, numpy array in HF orientation) in _expected_tensors' order, adapters merged on the
+    host. Several processes gather a stack one layer at a time: no device holds a whole stack or model."""
     for ours, (hf, t) in TOP_NAMES.items():
         if ours in params:
             a = _to_host(params[ours])
@@ -633,13 +627,12 @@ def hf_tensors(mc: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
 
 
 def save_hf(path: str, mc: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
-            copy_files: list[str] = (), extra_files: dict[str, Any] | None = None, lora=None,
+            tokenizer: str | None = None, chat_template: str | None = None, lora=None,
             lora_scale: float = 1.0) -> str:
-    """Write a directory that transformers loads: config.json, safetensors (sharded with an index above
-    max_shard_bytes, named model-0000k-of-0000n.safetensors as HF does), copies of `copy_files` (e.g. the
-    tokenizer.model) and extra JSON files {name: content}. With `lora` (adapters, scale lora_scale), the
-    adapted matrices are written merged: a plain Llama. config.json, which every loader reads first, is the
-    commit marker (_write_dir). Every process must call this; host memory holds one shard."""
+    """Write a directory that transformers loads: config.json (the commit marker: _write_dir), safetensors
+    (sharded above max_shard_bytes, named as HF does), generation_config.json and the SentencePiece
+    `tokenizer` file's tokenizer_files. With `lora`, the adapted matrices are merged (W + lora_scale A B): a
+    plain Llama. Every process must call this; host memory holds one shard."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     # Plan the shards from the shapes, so that file names can say "of n" before any tensor is gathered.
     sizes = {name: math.prod(shape) * np_dtype.itemsize for name, shape in _expected_tensors(mc).items()}
@@ -660,66 +653,81 @@ def save_hf(path: str, mc: LlamaConfig, params, *, dtype=jnp.float32, max_shard_
             index = {"metadata": {"total_size": sum(sizes.values())},
                      "weight_map": {t: file for file, shard in zip(names, shards) for t in shard}}
             yield "model.safetensors.index.json", functools.partial(_write_json, index)
+        generation = {"bos_token_id": mc.bos_token_id, "eos_token_id": mc.eos_token_id, "do_sample": False}
+        yield "generation_config.json", functools.partial(_write_json, generation)
+        yield from tokenizer_files(mc, tokenizer, chat_template) if tokenizer else ()
 
-    return _write_dir(path, files(), copy_files, extra_files, "config.json", mc.to_hf(dtype=str(np_dtype)),
-                      stale=lambda f: f.startswith("model") and ".safetensors" in f)
+    return _write_dir(path, "config.json", mc.to_hf(dtype=str(np_dtype)), files(),
+                      stale=lambda f: f.startswith("model") and f.endswith((".safetensors", ".index.json")))
+
+
+def tokenizer_files(mc: LlamaConfig, tokenizer: str, chat_template: str | None = None):
+    """(name, write) of tokenizer.model and configs saying LlamaTokenizer, BOS added, legacy: transformers 5
+    loads tokenizer.model alone as adding no BOS. No pad token: the vocabulary stays the base model's."""
+    special = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "LlamaTokenizer", **special, "add_bos_token": True, "add_eos_token": False,
+              "legacy": True, "model_max_length": mc.max_position_embeddings, "chat_template": chat_template}
+    return [("tokenizer.model", functools.partial(shutil.copyfile, tokenizer)),
+            ("tokenizer_config.json", functools.partial(_write_json, config)),
+            ("special_tokens_map.json", functools.partial(_write_json, special))]
 
 
 def _write_json(obj, file):
     with open(file, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
+        f.write(json.dumps(obj, indent=2) + "\n")
 
 
-def _write_dir(path, files, copy_files, extra_files, marker, content, stale=lambda f: False):
-    """Write the directory `path`: `files`, (name, write(file)) pairs, copies of copy_files, the JSON files
-    extra_files {name: content}, and `marker`, the JSON file that says the directory is complete. Each file
-    goes to .NAME.partial and is flushed (fsync); only then is the marker removed, the files renamed into
-    place, those of a previous write that this one lacks (stale) deleted, and the marker renamed, last. No
-    directory is renamed (object-store mounts cannot). A failure while writing leaves a previous directory
-    complete and untouched, and no .partial file; a crash while renaming leaves no marker. Every process
-    iterates `files` (their gathers are collectives); process 0 alone writes."""
-    writer = jax.process_index() == 0
-    path = os.path.abspath(path)
+# Every file is written through a temporary name, flushed, then renamed (a file: object-store mounts cannot
+# rename directories), with the mode the umask says, as open() gives; safetensors alone would make it 0600.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
 
-    def partial(name):
-        return os.path.join(path, f".{name}.partial")
 
-    def remove(unwanted=lambda f: f.startswith(".") and f.endswith(".partial")):
-        for f in os.listdir(path):
-            if unwanted(f):
-                os.remove(os.path.join(path, f))
+@contextlib.contextmanager
+def replaced(path: str, unique: bool = False):
+    """Write `path` through a temporary name (unique: its own, where several processes may write at once):
+    the block writes the name it is given. On failure nothing is left and the OSError names `path`."""
+    tmp = f"{path}{'.' + os.urandom(4).hex() if unique else ''}.partial"
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # a full disk, say: name the file, which safetensors does not
+        if isinstance(e, OSError) and e.filename:
+            raise
+        raise OSError(getattr(e, "errno", None), getattr(e, "strerror", None) or str(e), path) from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
+
+def _write_dir(path, marker, content, files, stale=lambda f: False):
+    """Write the directory `path`: `files`, (name, write(file)) pairs, and the JSON `marker` that says it is
+    complete. All are written under temporary names first; only then are the old marker and the stale files
+    of a previous write removed and the files renamed, the marker last: a failure leaves a previous
+    directory untouched, a crash while renaming no marker. Every process iterates `files` (their gathers are
+    collectives); process 0 writes."""
+    writer, path = jax.process_index() == 0, os.path.abspath(path)
     if writer:
         os.makedirs(path, exist_ok=True)
-        remove()  # .partial files of a write that was killed
-    copies = [(os.path.basename(src), functools.partial(shutil.copyfile, src)) for src in copy_files]
-    jsons = [(name, functools.partial(_write_json, obj)) for name, obj in (extra_files or {}).items()]
-    jsons.append((marker, functools.partial(_write_json, content)))
-    written = []
-    try:
-        for name, write in itertools.chain(files, copies, jsons):
+        for f in (f for f in os.listdir(path) if f.endswith(".partial")):  # what a killed write left
+            os.remove(os.path.join(path, f))
+    with contextlib.ExitStack() as renames:  # on leaving, the files are renamed, the first entered last
+        written = []
+        for name, write in itertools.chain([(marker, functools.partial(_write_json, content))], files):
             if writer:
-                write(partial(name))
-                with open(partial(name), "rb") as f:
-                    os.fsync(f.fileno())
+                write(renames.enter_context(replaced(os.path.join(path, name))))
                 written.append(name)
-    except BaseException:
-        if writer:
-            remove()
-        raise
-    if writer:
-        remove(lambda f: f == marker)
-        for name in written[:-1]:
-            os.replace(partial(name), os.path.join(path, name))
-        remove(lambda f: stale(f) and f not in written)
-        os.replace(partial(marker), os.path.join(path, marker))
+        for f in os.listdir(path) if writer else []:
+            if f == marker or (stale(f) and f not in written):
+                os.remove(os.path.join(path, f))
     return path
 
 
-# PEFT adapters, as peft's LoRA on transformers' Llama names them in adapter_model.safetensors:
-#   base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in]   (our A [in, r], transposed)
-#   base_model.model.model.layers.{i}.self_attn.q_proj.lora_B.weight [out, r]  (our B [r, out], transposed)
+# PEFT's names: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight [r, in] (our A [in, r]
+# transposed), ....lora_B.weight [out, r] (our B [r, out] transposed).
 PEFT_PREFIX = "base_model.model.model.layers"
 
 
@@ -731,11 +739,10 @@ def peft_config(lc: LoraConfig, base_model: str) -> dict:
             "modules_to_save": None, "target_modules": modules}
 
 
-def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: str,
-              copy_files: list[str] = (), extra_files: dict[str, Any] | None = None) -> str:
-    """Write a PEFT adapter directory (adapter_config.json, adapter_model.safetensors in float32, and the
-    extra files, e.g. the tokenizer) that peft.PeftModel.from_pretrained(base, path) loads. The commit marker
-    (_write_dir) is adapter_config.json, which peft reads first. Every process must call this."""
+def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: str, tokenizer: str | None = None,
+              chat_template: str | None = None) -> str:
+    """Write what peft.PeftModel.from_pretrained(base, path) loads: adapter_model.safetensors (float32), the
+    tokenizer if given, and adapter_config.json, read first: the commit marker. Every process calls this."""
     tensors = {}
     for ours, adapter in lora["layers"].items():
         a, b = _to_host(adapter["a"]), _to_host(adapter["b"])
@@ -744,8 +751,8 @@ def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: s
             tensors[f"{PEFT_PREFIX}.{i}.{module}.lora_A.weight"] = np.ascontiguousarray(a[i].T, np.float32)
             tensors[f"{PEFT_PREFIX}.{i}.{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
     files = [("adapter_model.safetensors", functools.partial(save_file, tensors, metadata={"format": "pt"}))]
-    return _write_dir(path, files, copy_files, extra_files, "adapter_config.json",
-                      peft_config(lc, base_model))
+    files += tokenizer_files(mc, tokenizer, chat_template) if tokenizer else []
+    return _write_dir(path, "adapter_config.json", peft_config(lc, base_model), files)
 
 
 # --- 7. `python llama.py compare`: our logits against transformers on a real checkpoint ---------------------
@@ -776,8 +783,8 @@ def compare(model: str, prompt: str) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="cmd", required=True)
-    cp = sub.add_parser("compare", help="our logits against transformers' on a checkpoint (float32, CPU)")
+    cp = p.add_subparsers(dest="cmd", required=True).add_parser(
+        "compare", help="our logits against transformers' on a checkpoint (float32, CPU)")
     cp.add_argument("--model", required=True, help="HF model directory or Hub repo id")
     cp.add_argument("--prompt", default="Below is an instruction that describes a task.")
     args = p.parse_args(argv)

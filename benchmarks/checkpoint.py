@@ -7,12 +7,11 @@ The real FSDP train step (alpaca.make_step, AdamW) of a config of bench.py on ra
 tokens (--rows rows of 512 tokens a step; the stall does not depend on the data, so none is read), then
 --checkpoints rounds of:
   a plain step;
-  sync   alpaca.start_checkpoint + alpaca.finish_checkpoint + alpaca.remove_uncommitted, as the training
-         loop writes its last checkpoint: the whole write (files, fsync, commit, pruning) before the next
-         step;
+  sync   alpaca.Checkpointer.save(wait=True), as the training loop writes its last checkpoint: the whole
+         write (files, fsync, commit, pruning) before the next step;
   a plain step;
-  async  alpaca.start_checkpoint (the copy of the slices to host memory), steps until the background
-         write has finished, then alpaca.finish_checkpoint (the commit).
+  async  Checkpointer.save (the copy of the slices to host memory), steps until the background write has
+         finished, then Checkpointer.poll (the commit).
 The stall of a checkpoint is how long the training loop waits for it: the whole write's time written
 synchronously; the copy plus the commit written in the background. Reported apart: how long the steps
 that ran beside the writer thread took against the plain steps of the same rounds (on a CPU the thread
@@ -21,6 +20,7 @@ host memory a background write holds for Llama-2-7B.
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -66,7 +66,7 @@ def main(argv=None):
     del params  # the state holds them, and the step donates it
     step_fn = alpaca.make_step(alpaca.Config(compute_dtype="float32"), mc, None, mesh, 10_000, 1)
     out = args.out or tempfile.mkdtemp(prefix="checkpoint-bench-")
-    c = alpaca.Config(out=out, keep_checkpoints=1)  # what finish_checkpoint reads of the flags
+    checkpoints = alpaca.Checkpointer(out, {}, keep=1)
     nbytes = sum(x.nbytes for x in jax.tree.leaves(saved(now["state"])))
     emit({"config": args.config, "parameters": n_params(mc), "checkpoint_bytes": nbytes,
           "devices": jax.device_count(), "rows": R, "seq_len": T, "out": out, "cores": os.cpu_count(),
@@ -83,19 +83,20 @@ def main(argv=None):
     for k in range(args.checkpoints):
         plain = [step()]
         t0 = time.perf_counter()
-        alpaca.finish_checkpoint(alpaca.start_checkpoint(out, 2 * k + 1, saved(now["state"])), c, {})
-        alpaca.remove_uncommitted(out)  # the pruned checkpoint's files
+        with contextlib.redirect_stdout(sys.stderr):  # its progress line; stdout is for the JSON lines
+            checkpoints.save(2 * k + 1, saved(now["state"]), wait=True)
         sync = time.perf_counter() - t0
 
         plain.append(step())
         t0 = time.perf_counter()
-        pending = alpaca.start_checkpoint(out, 2 * k + 2, saved(now["state"]))  # (step, thread, errors)
+        with contextlib.redirect_stdout(sys.stderr):
+            checkpoints.save(2 * k + 2, saved(now["state"]))
         copy = time.perf_counter() - t0
         beside = []
-        while pending[1].is_alive():
+        while not checkpoints.pending[1].done():
             beside.append(step())
         t0 = time.perf_counter()
-        alpaca.finish_checkpoint(pending, c, {})
+        checkpoints.poll()
         commit = time.perf_counter() - t0
         rounds.append(emit({"sync_stall_s": round(sync, 3), "async_stall_s": round(copy + commit, 3),
                             "copy_s": round(copy, 3), "commit_s": round(commit, 3),

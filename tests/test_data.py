@@ -245,7 +245,7 @@ def test_row_ranges_and_global_batch(tokenized):
     examples = tokenized[0]
     plan = alpaca.plan_steps(alpaca.example_lengths(examples), seed=0, rows_per_step=8, seq_len=512, steps=2)
     full = alpaca.make_batch(examples, plan, 1)
-    part = alpaca.make_batch(examples, plan, 1, rows=(2, 5))
+    part = alpaca.make_batch(examples, plan, 1, span=(2, 5))
     assert all(np.array_equal(part[k], full[k][2:5]) for k in KEYS)
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data", None))
     g = alpaca.host_batch(examples, plan, sharding, 1)  # one process here (tests/test_multihost.py: several)
@@ -283,7 +283,7 @@ def test_cache_miss_then_hit_then_miss_on_any_change(records, sp, tmp_path):
     assert (hit1, hit2) == (False, True) and s1 == s2
     assert all(np.array_equal(e1[k], e2[k]) and e1[k].dtype == e2[k].dtype for k in e1)
     files = sorted(os.listdir(tmp_path))
-    assert len(files) == 1 and not files[0].startswith(".tmp")  # written under a temp name, then renamed
+    assert len(files) == 1 and not files[0].endswith(".partial")  # written under a temp name, then renamed
     assert not alpaca.tokenize_cached(small, sp, 256, str(tmp_path))[2]  # max_len is in the key
     edited = [dict(small[0], output=small[0]["output"] + "!")] + small[1:]
     assert not alpaca.tokenize_cached(edited, sp, 512, str(tmp_path))[2]  # the data is in the key

@@ -92,7 +92,7 @@ def test_save_hf_round_trip_loads_in_transformers(hf_checkpoint, tmp_path):
     c, params = llama.load_hf(path)
     out = llama.save_hf(str(tmp_path / "export"), c, params, max_shard_bytes=30_000)
     files = os.listdir(out)
-    assert "config.json" in files and not any(".tmp" in f for f in os.listdir(tmp_path))
+    assert "config.json" in files and not any(f.endswith(".partial") for f in files)
     n_shards = len([f for f in files if f.endswith(".safetensors")])
     assert (n_shards > 1) == ("model.safetensors.index.json" in files)
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -117,12 +117,12 @@ def test_save_hf_replaces_an_existing_export_without_renaming_directories(tmp_pa
     _, back = llama.load_hf(out)
     np.testing.assert_array_equal(np.asarray(back["final_norm"]), np.asarray(params2["final_norm"]))
     assert sorted(os.listdir(tmp_path)) == ["export"]
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]  # the old shards and index are gone
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]  # the old shards and index are gone
 
     # An export that fails while writing leaves the previous one complete, and no temporary file.
     with pytest.raises(FileNotFoundError):
-        llama.save_hf(out, c, params, copy_files=[str(tmp_path / "missing.model")])
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+        llama.save_hf(out, c, params, tokenizer=str(tmp_path / "missing.model"))
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors"]
     _, back = llama.load_hf(out)
     np.testing.assert_array_equal(np.asarray(back["final_norm"]), np.asarray(params2["final_norm"]))
 

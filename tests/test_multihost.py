@@ -221,7 +221,7 @@ def test_crash_during_a_checkpoint_stops_the_other_and_a_fresh_pair_resumes(work
     # declares it dead at the heartbeat timeout and aborts this process; what to do was said when it joined.
     if p0.returncode == 1:
         assert "alpaca.py: error: process 0 of 2 stopped" in log
-        assert f"resumes from the last complete checkpoint, {out / 'checkpoints' / 'step_00000002'}" in log
+        assert f"resumes from the latest, {out / 'checkpoints' / 'step_00000002'}" in log
     else:
         assert p0.returncode == -signal.SIGABRT and "If one dies later, the others stop too" in log, log[-3000:]
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004"]
@@ -269,7 +269,7 @@ def test_a_run_continues_on_8_then_4_then_1_device_then_on_2_processes_x_2(workd
     # the 8 rows of a step do not.
     p = subprocess.run(cmd, cwd=ROOT, env=base_env(workdir, 16), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2, p.stdout + p.stderr
-    assert "steps have 8 rows (planned for --data_parallel 8): they cannot be split over 16 devices" in p.stderr
+    assert "planned steps of 8 rows (for --data_parallel 8): they cannot be split over 16 devices" in p.stderr
 
 
 def test_killed_coordinator_stops_the_other_process_with_a_clear_error(workdir, pair_run, procs):
@@ -325,7 +325,7 @@ def test_out_that_the_processes_do_not_share_is_refused(workdir, procs):
     ps = start_pair(procs, workdir, out, out1=workdir / "local1")
     assert wait(ps, timeout=120) == [2, 2], log_of(ps[0])[-3000:]
     for p, o in zip(ps, (out, workdir / "local1")):
-        assert f"--out {o}: process(es) [1] do not see the file process 0 wrote there" in log_of(p)
+        assert f"--out {o}: process(es) [1] do not see what process 0 wrote there" in log_of(p)
     assert not os.path.exists(out / "checkpoints")
 
 

@@ -159,7 +159,7 @@ def test_failed_background_write_stops_the_run_and_keeps_the_last_checkpoint(wor
     assert rc == 1, log
     assert f"alpaca.py: error: writing checkpoint {out / 'checkpoints' / 'step_00000004'} failed on process(es) " \
            "[0]: FileExistsError" in log
-    assert "the latest complete checkpoint is step 2" in log
+    assert f"resumes from the latest, {out / 'checkpoints' / 'step_00000002'}" in log
     assert committed(out) == ["step_00000002"] and not os.path.exists(out / "hf")
     assert max(json.loads(l)["step"] for l in open(out / "metrics.jsonl")) < STEPS  # it stopped early
 
@@ -182,7 +182,7 @@ def test_a_checkpoint_reads_back_on_other_layouts(tmp_path):
 
     state = jax.tree.map(jax.device_put, values, placed(devices, (P(None, "d"), P("d"))))
     c = alpaca.Config(out=str(tmp_path), keep_checkpoints=1)
-    assert alpaca.finish_checkpoint(alpaca.start_checkpoint(c.out, 3, state), c, {"note": 1}) == (None, False)
+    alpaca.Checkpointer(c.out, {"note": 1}, c.keep_checkpoints).save(3, state, wait=True)
     assert alpaca.list_checkpoints(str(tmp_path)) == [3]
     # One safetensors file: each distinct slice once (the replicated count too), bfloat16 as it was.
     with safe_open(str(tmp_path / "checkpoints" / "step_00000003" / "process_00000.safetensors"), "numpy") as f:
