@@ -188,13 +188,12 @@ class Run:
     lc: llama.LoraConfig | None  # None: a full fine-tune
     mesh: jax.sharding.Mesh
     examples: dict  # tokenize_records'
-    lengths: np.ndarray  # of the examples
     plan: dict  # plan_steps', with the step's micro_batches
     stats: dict  # of the data and the plan, for the logs
     meta: dict  # what each checkpoint's meta.json records of this run
     start: int  # the step of the checkpoint to resume from; 0 = a fresh start
     resumed: dict | None  # that checkpoint's meta.json
-    damaged: list  # the steps of newer checkpoints that are damaged (skipped)
+    damaged: list  # the steps of newer checkpoints, damaged: skipped
     exports: str  # --hf_save_path, or OUT/hf
     t_launch: float
 
@@ -209,8 +208,7 @@ def preflight(c):
     start, resumed, damaged = resume_point(c.out)  # a resumed run keeps the data plan it started with
     planned = c.data_parallel or (resumed or {}).get("data_parallel") or jax.device_count()
     examples, plan, stats = prepare_data(c, mc, planned, jax.device_count())
-    problem = why_unwritable(c.out)
-    if problem:
+    if problem := why_unwritable(c.out):
         raise InputError(f"--out {c.out}: not a writable directory ({problem})")
     problem = why_unwritable(c.hf_save_path) if c.hf_save_path and main_process() else ""
     if from_process_0(bool(problem)):  # only process 0 writes exports; every process stops with its message
@@ -222,10 +220,9 @@ def preflight(c):
             "data_hash": data_hash(examples), "base_fingerprint": lc and llama.weights_fingerprint(model_dir)}
     if start:
         check_resumable(resumed, c, meta, checkpoint_dir(c.out, start))
-    return Run(c=c, model_dir=model_dir, mc=mc, lc=lc, mesh=mesh, examples=examples,
-               lengths=example_lengths(examples), plan=plan, stats=stats, meta=meta, start=start,
-               resumed=resumed, damaged=damaged, exports=c.hf_save_path or os.path.join(c.out, "hf"),
-               t_launch=t_launch)
+    return Run(c=c, model_dir=model_dir, mc=mc, lc=lc, mesh=mesh, examples=examples, plan=plan, stats=stats,
+               meta=meta, start=start, resumed=resumed, damaged=damaged,
+               exports=c.hf_save_path or os.path.join(c.out, "hf"), t_launch=t_launch)
 
 
 def plan_line(stats, devices):
@@ -251,32 +248,30 @@ def make_step(c, mc, lc, mesh, steps, micro_batches):
 @contextmanager
 def own_out(run):
     """Take --out for this run: process 0 holds a POSIX lock on OUT/.lock while it lives (the kernel drops it
-    however the process ends: a run that died never blocks its restart) and a second run is refused,
-    naming the first. With several processes, each must see what process 0 wrote there: --out is shared.
-    Then process 0 deletes what crashes left: uncommitted and damaged checkpoints."""
-    out, fd, owner = run.c.out, None, ""
+    however the process ends: a run that died never blocks its restart) and a second run is refused, named.
+    Every process must see what process 0 wrote there (several hosts share --out). Then process 0 deletes
+    what crashes left: uncommitted and damaged checkpoints."""
+    out, lock, fd, owner = run.c.out, os.path.join(run.c.out, ".lock"), None, ""
     token = from_process_0(int.from_bytes(os.urandom(3), "little"))
-    claim = f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} ({token})"
     if main_process():
         os.makedirs(out, exist_ok=True)
-        fd = os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):  # held by a live process
                 owner = os.read(fd, 200).decode(errors="replace") or "?"
             else:  # a filesystem without locks
-                say(f"warning: {out}/.lock: no lock ({e.strerror}): a second run would not be refused")
+                say(f"warning: {lock}: no lock ({e.strerror}): a second run would not be refused")
         if not owner:
             os.ftruncate(fd, 0)
-            os.write(fd, claim.encode())
+            os.write(fd, f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} ({token})".encode())
     try:
         if from_process_0(bool(owner)):
             raise InputError(f"--out {out} is in use by another run ({owner or 'see process 0'}). Wait for it "
                              "to end or stop it, or choose another --out")
-        if jax.process_count() > 1:  # each writes its checkpoint files there, for process 0 to commit
+        if jax.process_count() > 1:
             multihost_utils.sync_global_devices("out-claimed")
-            lock, seen = os.path.join(out, ".lock"), False
             for _ in range(10):  # network filesystems may lag
                 seen = os.path.exists(lock) and f"({token})" in open(lock).read()
                 if seen:
@@ -336,8 +331,8 @@ def on_stop_signal(signum, _frame):
 def train_loop(run, step_fn, state, logs):
     """Steps run.start .. the last: each runs on the batch the host built during the one before, then logs and
     checkpoints. Returns (the signal that stopped it or 0, the state)."""
-    c, plan, steps = run.c, run.plan, run.plan["steps"]
-    batch_of = functools.partial(host_batch, run.examples, plan, sharding.batch_sharding(run.mesh))
+    c, steps = run.c, run.plan["steps"]
+    batch_of = functools.partial(host_batch, run.examples, run.plan, sharding.batch_sharding(run.mesh))
     batch = batch_of(run.start) if run.start < steps else None
     checkpoints = Checkpointer(c.out, run.meta, c.keep_checkpoints)
     default = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -355,12 +350,10 @@ def train_loop(run, step_fn, state, logs):
                               f"{what_is_kept(c.out)}")
             log_step(run, logs, k, m)
             stop = checkpoints.poll()  # all processes: a stop signal anywhere? the write in flight done?
-            last = stop or k + 1 == steps
-            if last or (c.checkpoint_every and (k + 1) % c.checkpoint_every == 0):
-                checkpoints.save(k + 1, {key: state[key] for key in SAVED}, wait=last)
+            if stop or k + 1 == steps or (c.checkpoint_every and (k + 1) % c.checkpoint_every == 0):
+                checkpoints.save(k + 1, {key: state[key] for key in SAVED}, wait=stop or k + 1 == steps)
             if stop:
-                say(f"{signal.Signals(stop).name}: checkpoint written at step {k + 1}; exiting"
-                    + (" so that a supervisor restarts the run" if stop == signal.SIGTERM else ""))
+                say(f"{signal.Signals(stop).name}: checkpoint written at step {k + 1}; exiting")
                 return stop, state
             if c.hf_save_steps and (k + 1) % c.hf_save_steps == 0 and k + 1 < steps:
                 checkpoints.poll(wait=True)  # host memory: one write at a time
@@ -379,11 +372,10 @@ PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e":
 
 def open_logs(run):
     """The loop's log book: metrics.jsonl without what a killed run logged past its checkpoint (a line it cut
-    short has no newline) or a damaged line (a warning names it: the log never stops a run), wandb if asked
-    (both process 0's), the counters since the last line."""
-    c, path = run.c, os.path.join(run.c.out, "metrics.jsonl")
+    short has no newline) or a damaged line (named once: the log never stops a run), wandb if asked (both
+    process 0's), the counters since the last line."""
+    c, path, kept, damaged = run.c, os.path.join(run.c.out, "metrics.jsonl"), [], []
     if main_process() and os.path.exists(path):
-        kept, damaged = [], []
         with open(path, errors="replace") as fh:
             for n, line in enumerate(fh, 1):
                 try:
@@ -407,7 +399,7 @@ def log_step(run, logs, k, m):
     """Count the tokens and FLOPs of step k (0-based); every --log_every steps and at the end, a progress
     line, a metrics.jsonl record and a wandb point for the steps since the last one."""
     plan, step, steps, R = run.plan, k + 1, run.plan["steps"], run.plan["rows_per_step"]
-    lens = run.lengths[plan["order"][plan["row_start"][k * R]:plan["row_start"][(k + 1) * R]]]
+    lens = example_lengths(run.examples)[plan["order"][plan["row_start"][k * R]:plan["row_start"][step * R]]]
     logs["tokens"] += int(lens.sum())
     logs["flops"] += llama.train_flops(run.mc, lens, frozen_weights=run.lc is not None)
     if step % run.c.log_every and step != steps:
@@ -420,7 +412,7 @@ def log_step(run, logs, k, m):
            "tflops_per_device": tflops, "mfu": tflops / logs["peak"] if logs["peak"] else None,
            "eta_s": dt / (step - logs["last_logged"]) * (steps - step), "elapsed_s": now - run.t_launch}
     mfu = f"  mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-    eta = f"{int(rec['eta_s'] // 3600)}:{time.strftime('%M:%S', time.gmtime(rec['eta_s']))}"  # 30:00:00 = 30 h
+    eta = f"{int(rec['eta_s'] // 3600)}:{time.strftime('%M:%S', time.gmtime(rec['eta_s']))}"  # 30 h: 30:00:00
     say(f"step {step}/{steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.3g}  grad_norm {rec['grad_norm']:.3f}  "
         f"tokens/s {rec['tokens_per_s']:,.0f}  {tflops:.3g} TFLOP/s/device{mfu}  eta {eta}")
     if logs["path"]:
@@ -437,8 +429,7 @@ def log_step(run, logs, k, m):
 def finish(run, state):
     """After the last step: the final Hugging Face export, then process 0 alone uploads it and answers
     --sample_instruction with it. Returns the exit status."""
-    c = run.c
-    final = os.path.join(run.exports, "final")
+    c, final = run.c, os.path.join(run.exports, "final")
     export_hf(run, state, final)
     if jax.process_count() > 1:
         # What is left is process 0's alone. Leave the distributed system now: at exit the others would wait
