@@ -6,6 +6,11 @@ puts them together, for every weight or (LoRA) for low-rank adapters on frozen w
 of a step is written out here; llama.py meets devices only where it reads and writes checkpoints (load_hf
 puts each slice on its device, save_hf gathers a layer at a time).
 
+For a PyTorch reader: this is torch FSDP's FULL_SHARD (ZeRO-3) written out. Weights, gradients and AdamW
+state are split over the devices; a layer is gathered just before use and dropped after. jax.checkpoint is
+torch.utils.checkpoint. The step is one compiled function of the whole state, which it donates: XLA writes
+the new state into the old buffers, as an in-place optimizer.step() does.
+
 One step, walked through for Llama-2-7B on a TPU v3-32
 -----------------------------------------------------
 Llama-2-7B: V=32000, D=4096, L=32 layers, H=K=32 heads of E=128, F=11008; 6.74e9 parameters, of which
@@ -38,7 +43,7 @@ Backward (every layer is under jax.checkpoint, so only the layer inputs [1, 512,
 After the backward: ALL-REDUCE (psum) of 3 scalars (loss sum, token count, squared gradient norm): bytes.
 Then AdamW on the local shards only: no communication at all, 1/32 of the optimizer work per device.
 
-Per device and step that is ~52 GB moved (~39 GB with reduce_dtype=bf16), against ~8 x 6.74e9 x 512 = 2.8e13
+Per device and step that is ~52 GB moved (bf16 gradients would make it ~39), against ~8 x 6.74e9 x 512 = 2.8e13
 FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16 TFLOP/s
 (123 per chip), so 0.45 s if every FLOP ran at peak (0.34 s for the 6N that MFU counts); Google quotes 340
 TB/s all-reduce bandwidth for a 1024-chip v3 pod, ~330 GB/s per chip: if these collectives reach it, the
@@ -180,30 +185,30 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 # These run inside shard_map, where arrays are per-device shards and collectives are explicit. Autodiff
 # would transpose all_gather into psum_scatter by itself; the rule is written out here so that a reader can
 # see it, and so that the two directions can use different dtypes: weights travel in bf16 (half the bytes),
-# gradients are summed across devices in float32 (reduce_dtype) so that 32 bf16 partial sums do not lose
-# digits (torchtitan's default; pass reduce_dtype=jnp.bfloat16 to halve the backward's bytes instead).
+# gradients are summed across devices in float32, so that 32 bf16 partial sums do not lose digits
+# (torchtitan's default; bf16 would halve the backward's bytes).
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def gather_weight(shard, axis: int, compute_dtype, reduce_dtype):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather_weight(shard, axis: int, compute_dtype):
     """[.., D/N, ..] on each device -> the whole [.., D, ..] on every device, in compute_dtype.
     ALL-GATHER over "fsdp": each device sends its shard to the others and receives N-1 shards.
     Cast first, then gather: with bf16 the bytes on the wire are halved."""
     return jax.lax.all_gather(shard.astype(compute_dtype), FSDP, axis=axis, tiled=True)
 
 
-def _gather_weight_fwd(shard, axis, compute_dtype, reduce_dtype):
+def _gather_weight_fwd(shard, axis, compute_dtype):
     dtype_only = jnp.zeros((0,), shard.dtype)  # the backward needs the shard's dtype, not its values
-    return gather_weight(shard, axis, compute_dtype, reduce_dtype), dtype_only
+    return gather_weight(shard, axis, compute_dtype), dtype_only
 
 
-def _gather_weight_bwd(axis, compute_dtype, reduce_dtype, dtype_only, grad_whole):
+def _gather_weight_bwd(axis, compute_dtype, dtype_only, grad_whole):
     # THE GRADIENT OF AN ALL-GATHER IS A REDUCE-SCATTER. Every device used the whole weight on its own rows,
     # so each holds a gradient for the whole weight, [.., D, ..]. REDUCE-SCATTER over "fsdp": the N
     # gradients are summed and device i keeps only slice i, [.., D/N, ..], the slice of its own shard.
-    # Each device sends (N-1)/N of a whole weight's gradient in reduce_dtype; nobody ever holds the sum of
+    # Each device sends (N-1)/N of a whole weight's gradient in float32; nobody ever holds the sum of
     # the whole thing. The result is the gradient of the loss summed over the rows of ALL devices.
-    grad_shard = jax.lax.psum_scatter(grad_whole.astype(reduce_dtype), FSDP, scatter_dimension=axis,
+    grad_shard = jax.lax.psum_scatter(grad_whole.astype(jnp.float32), FSDP, scatter_dimension=axis,
                                       tiled=True)
     return (grad_shard.astype(dtype_only.dtype),)
 
@@ -211,14 +216,14 @@ def _gather_weight_bwd(axis, compute_dtype, reduce_dtype, dtype_only, grad_whole
 gather_weight.defvjp(_gather_weight_fwd, _gather_weight_bwd)
 
 
-def gather_params(params, compute_dtype, reduce_dtype, *, prefix: str = "", drop_leading_axis: bool = False):
+def gather_params(params, compute_dtype, *, prefix: str = "", drop_leading_axis: bool = False):
     """gather_weight for each tensor of a (sub)tree. Matrices travel in compute_dtype; vectors (the norms) in
     their own dtype, as llama.py computes RMSNorm in float32 (they are tiny). drop_leading_axis: the tree is
     one layer of the stacked "layers" dict, whose L axis the scan has already removed."""
     def gather(path, w):
         axis = fsdp_dim(prefix + llama.path_name(path)) - (1 if drop_leading_axis else 0)
         dtype = (compute_dtype or w.dtype) if w.ndim > 1 else w.dtype
-        return gather_weight(w, axis, dtype, reduce_dtype)
+        return gather_weight(w, axis, dtype)
 
     return jax.tree_util.tree_map_with_path(gather, params)
 
@@ -303,17 +308,9 @@ def adamw_update(params, grads, opt_state, cfg: AdamWConfig, grad_norm):
 #   "frozen"     what the loss reads and no update changes: {} for a full fine-tune, LoRA's base weights
 # A checkpoint holds "trained" and "opt_state"; "frozen" is read from the model again.
 #
-# LoRA on the same step. The base weights are frozen: split over "fsdp" and gathered layer by layer exactly
-# as above (in bf16, --param_dtype's default with LoRA: half the bytes at rest), but stop_gradient keeps
-# autodiff out of them: no custom_vjp backward runs, the backward pass computes only the activations'
-# gradients through the frozen matrices, never a weight gradient, and there is NO REDUCE-SCATTER at all. Per
-# token that is 6N FLOPs with remat (forward, recompute, x-grads) instead of 8N. The adapters are
-# REPLICATED: every device holds all of them, their AdamW state and their gradient (7B at rank 8 on all
-# seven matrices: 20.0e6 parameters, 0.3% of the model, 80 MB in float32). Each device differentiates its
-# own rows' loss w.r.t. a "varying" copy (so that autodiff adds no collective of its own), sums its micro-
-# batches, then ONE ALL-REDUCE (psum) of the 80 MB float32 gradient per step makes every copy's gradient
-# that of the whole batch (~155 MB sent per device on 32 devices, against ~26 GB for the two all-gather
-# passes of the base). AdamW runs the same update on every device, and the copies stay equal bit for bit.
+# LoRA on the same step (README: "LoRA"): the frozen base is split and gathered as above, but stop_gradient
+# keeps autodiff out of it: no weight gradient, NO REDUCE-SCATTER. The adapters (80 MB for 7B at rank 8) are
+# replicated; one all-reduce of their gradient per step keeps every copy equal, bit for bit.
 
 
 def lora_specs(mc: llama.LlamaConfig, lc: llama.LoraConfig):
@@ -360,17 +357,17 @@ def init_state(mc: llama.LlamaConfig, params, lora: llama.LoraConfig | None = No
     return {"trained": adapters, "opt_state": init_opt_state(adapters), "frozen": params}
 
 
-def _local_loss(mc, compute_dtype, reduce_dtype, remat, lora: llama.LoraConfig | None):
+def _local_loss(mc, compute_dtype, remat, lora: llama.LoraConfig | None):
     """(loss sum, loss tokens) of this device's rows as a function of what is trained, from this device's
     shards of the weights (and, with LoRA, the adapters, which every device holds whole)."""
     def layer_hook(layer):  # inside llama.py's scan: one layer's shards -> the whole layer, in compute_dtype
-        return gather_params(layer, compute_dtype, reduce_dtype, prefix="layers/", drop_leading_axis=True)
+        return gather_params(layer, compute_dtype, prefix="layers/", drop_leading_axis=True)
 
     def loss(trained, batch, frozen):
         weights, adapters = (trained, None) if lora is None else (jax.lax.stop_gradient(frozen), trained)
         # The top-level tensors (embed, final_norm, lm_head) are gathered once, here; the layers stay
         # shards, gathered one at a time by the hook (and again in the backward pass when remat is on).
-        top = gather_params({k: v for k, v in weights.items() if k != "layers"}, compute_dtype, reduce_dtype)
+        top = gather_params({k: v for k, v in weights.items() if k != "layers"}, compute_dtype)
         whole = {**top, "layers": weights["layers"]}
         return llama.loss_fn(whole, batch, mc, compute_dtype=compute_dtype, layer_hook=layer_hook,
                              remat=remat, lora=adapters, lora_scale=lora.scale if lora else 1.0)
@@ -379,7 +376,7 @@ def _local_loss(mc, compute_dtype, reduce_dtype, remat, lora: llama.LoraConfig |
 
 
 def make_train_step(mc: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, compute_dtype=jnp.bfloat16,
-                    reduce_dtype=jnp.float32, num_micro_batches: int = 1, remat: bool = True,
+                    num_micro_batches: int = 1, remat: bool = True,
                     lora: llama.LoraConfig | None = None):
     """step(state, batch) -> (state, metrics), jitted, the state donated ("frozen" comes back unchanged, in
     the same buffers).
@@ -390,14 +387,15 @@ def make_train_step(mc: llama.LlamaConfig, mesh: Mesh, opt_cfg: AdamWConfig, *, 
     token of the global batch), n_tokens, grad_norm (global, before clipping), lr (of this update)."""
     M = num_micro_batches
     specs = state_specs(mc, mesh, lora)  # also checks divisibility, now rather than later
-    grad_of_loss = jax.value_and_grad(_local_loss(mc, compute_dtype, reduce_dtype, remat, lora), has_aux=True)
+    grad_of_loss = jax.value_and_grad(_local_loss(mc, compute_dtype, remat, lora), has_aux=True)
 
     def local_step(state, batch):
         # Shapes here are one device's: weight shards [.., D/N, ..], rows [R/N, T]; adapters whole.
         micro = jax.tree.map(lambda x: x.reshape(M, -1, *x.shape[1:]), batch)  # [M, R/(N M), T]
-        # A replicated value is "invariant" over fsdp; differentiating this device's loss w.r.t. it would make
-        # autodiff all-reduce its gradient at every use. A "varying" copy keeps each gradient local until the
-        # one psum below. (Shards already vary over fsdp: a no-op for them.)
+        # shard_map (check_vma) types every value as "varying" over fsdp (it may differ between devices: a
+        # shard, this device's rows) or "invariant" (the same on all: a replicated adapter, a psum's result).
+        # Autodiff keeps the types: the gradient of an invariant input must be invariant, so autodiff would
+        # all-reduce it at every use. A varying copy keeps each gradient local until the one psum below.
         trained = jax.lax.pcast(state["trained"], FSDP, to="varying") if lora else state["trained"]
 
         def accumulate(carry, mb):
