@@ -201,12 +201,14 @@ def test_kill_and_resume_is_bitwise_exact(lora8, resumed):
             np.testing.assert_array_equal(v, expected[k], err_msg=f"{name}: {k}")
 
 
-def test_resume_on_other_base_weights_is_refused(workdir, resumed, capsys):
+def test_resume_on_other_base_weights_is_refused(workdir, resumed, tmp_path, capsys):
     out, args = resumed
     before = sorted(os.listdir(out / "checkpoints"))
-    file = workdir / "base" / "model.safetensors"
+    other = tmp_path / "other-base"  # a copy: the fixtures' base stays as it is
+    shutil.copytree(workdir / "base", other)
+    file = other / "model.safetensors"
     save_file({k: v * np.float32(1.01) for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
-    assert alpaca.main(args) == 2
+    assert alpaca.main(args + ["--model", str(other)]) == 2
     assert "the base model's weights" in capsys.readouterr().err
     assert sorted(os.listdir(out / "checkpoints")) == before
 

@@ -96,9 +96,6 @@ def log_of(p):
     return open(p.log).read()
 
 
-
-
-
 def wait_for_step(ps, out, step, timeout=240):
     path, deadline = os.path.join(out, "metrics.jsonl"), time.time() + timeout
     while time.time() < deadline:
@@ -327,7 +324,6 @@ def test_out_that_the_processes_do_not_share_is_refused(workdir, procs):
     for p, o in zip(ps, (out, workdir / "local1")):
         assert f"--out {o}: process(es) [1] do not see what process 0 wrote there" in log_of(p)
     assert not os.path.exists(out / "checkpoints")
-
 
 
 def test_a_problem_only_process_0_sees_stops_both_with_the_message(workdir, procs):

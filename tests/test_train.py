@@ -3,6 +3,7 @@ SIGTERM, bad flags, the HF export (loaded by transformers) and the demo preset."
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import pytest
 
 from safetensors import safe_open
 
-from commands import ASSETS, ROOT, SAMPLE, STEPS, STORIES, committed, env_for, logged_step, run, run_args, start, write_data
+from commands import (ASSETS, ROOT, SAMPLE, STEPS, STORIES, committed, env_for, logged_step, namespace_problem, q, run,
+                      run_args, run_in_namespace, start, write_data)
 
 CRASH_WRITING_4 = "os.rename:step_00000004/process_00000.safetensors:1:SIGKILL"  # faults/sitecustomize.py
 
@@ -61,9 +63,11 @@ def test_short_run_pinned_losses_and_loss_goes_down(reference_run):
     assert sorted(os.listdir(os.path.join(out, "hf"))) == ["final", "step_00000003"]  # --hf_save_steps 3
 
 
-def test_failed_upload_keeps_the_export_and_says_so(workdir, reference_run):
-    # Offline, the Hub client refuses at once: the failure path runs without touching the network.
-    out = reference_run[0]
+def test_failed_upload_keeps_the_export_and_says_so(workdir, reference_run, tmp_path):
+    # Offline, the Hub client refuses at once: the failure path runs without touching the network. On a copy
+    # of the finished run (it resumes at its last step and exports again): later tests read the reference's.
+    out = tmp_path / "upload"
+    shutil.copytree(reference_run[0] / "checkpoints", out / "checkpoints")
     rc, log = run(run_args(workdir, out, "--hf_upload", "someone/alpaca-test"), env_for(8, workdir))
     assert rc == 3, log
     assert "upload to someone/alpaca-test failed" in log and f"kept at {out / 'hf' / 'final'}" in log
@@ -83,9 +87,6 @@ def test_no_remat_gives_the_same_losses(workdir, reference_run):
     rc, log = run(run_args(workdir, out, "--no_remat"), env_for(8, workdir))
     assert rc == 0, log
     np.testing.assert_allclose(losses(out), losses(reference_run[0]), rtol=2e-5)
-
-
-
 
 
 def wait_for_step(proc, out, step, timeout=240):
@@ -113,11 +114,14 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000002", "step_00000004"]
     assert committed(out) == ["step_00000002"]  # the interrupted write is not taken for complete
     assert "process_00000.safetensors.partial" in os.listdir(out / "checkpoints" / "step_00000004")
-    with open(out / "metrics.jsonl", "a") as fh:  # a line cut short by the kill
-        fh.write('{"step": 5, "loss": 3.')
+    lines = open(out / "metrics.jsonl").readlines()
+    with open(out / "metrics.jsonl", "w") as fh:  # a damaged line (not the last), then a line cut by the kill
+        fh.writelines(lines[:1] + ["garbage\n"] + lines[1:] + ['{"step": 5, "loss": 3.'])
     rc, log = run(run_args(workdir, out), env)
     assert rc == 0, log
     assert "resuming from" in log and "step_00000002" in log
+    assert log.count("are not a step's JSON record") == 1  # the damaged line is named once, and dropped
+    assert f"warning: {out / 'metrics.jsonl'}: line(s) [2] are not a step's JSON record; dropped" in log
     # The leftover was replaced, old checkpoints pruned and their files deleted.
     assert committed(out) == sorted(os.listdir(out / "checkpoints")) == ["step_00000004", "step_00000006"]
     assert sorted(os.listdir(out / "checkpoints" / "step_00000006")) == ["meta.json", "process_00000.safetensors"]
@@ -141,6 +145,7 @@ def test_kill_and_resume_is_exact(workdir, reference_run):
     wait_for_step(p, out, resumed_at + 1)
     p.kill()
     p.communicate()
+    assert f"pid {p.pid}, " in open(out / ".lock").read()  # the killed run's claim: the lock went with it
     rc, log = run(run_args(workdir, out, "--checkpoint_every", "0"), env)
     assert rc == 0, log
     assert f"resuming from {out / 'checkpoints' / saved[0]}" in log
@@ -162,6 +167,217 @@ def test_failed_background_write_stops_the_run_and_keeps_the_last_checkpoint(wor
     assert f"resumes from the latest, {out / 'checkpoints' / 'step_00000002'}" in log
     assert committed(out) == ["step_00000002"] and not os.path.exists(out / "hf")
     assert max(json.loads(l)["step"] for l in open(out / "metrics.jsonl")) < STEPS  # it stopped early
+
+
+def wait_stopped(proc, timeout=120):
+    """Wait until every thread of proc is stopped (held by a SIGSTOP: state T)."""
+    tasks, t0 = f"/proc/{proc.pid}/task", time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()[0]}")
+        try:
+            states = [open(f"{tasks}/{t}/stat").read().rsplit(")", 1)[1].split()[0] for t in os.listdir(tasks)]
+        except OSError:  # a thread ended while listing
+            states = []
+        if states and all(s == "T" for s in states):
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def wait_until(condition, proc, timeout=120):
+    t0 = time.time()
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early: {proc.communicate()[0]}")
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.05)
+
+
+def files_in(out):
+    return {os.path.relpath(os.path.join(d, f), out): open(os.path.join(d, f), "rb").read()
+            for d, _, names in os.walk(out) for f in names}
+
+
+# faults/sitecustomize.py: hold (SIGSTOP) the run just before checkpoint 2's file is renamed into place.
+HOLD_WRITING_2 = "os.rename:step_00000002/process_00000.safetensors:1:SIGSTOP"
+
+
+def test_a_second_run_on_the_same_out_is_refused_and_changes_nothing(workdir, reference_run):
+    expected = final_tensors(reference_run[0])
+    out = workdir / "busy"
+    first = start(run_args(workdir, out), env_for(8, workdir, CRASH_AT=HOLD_WRITING_2))
+    try:
+        # Held in the middle of writing checkpoint 2: an uncommitted checkpoint that a second run, taking
+        # --out, would delete as a crash's leftover, and a metrics.jsonl that it would cut back to step 0.
+        wait_stopped(first)
+        before = files_in(out)
+        assert "checkpoints/step_00000002/process_00000.safetensors.partial" in before
+        rc, log = run(run_args(workdir, out), env_for(8, workdir), timeout=90)
+        assert rc == 2, log
+        assert f"--out {out} is in use by another run (host {os.uname().nodename}, pid {first.pid}, since " in log
+        assert "Wait for it to end or stop it, or choose another --out" in log
+        assert "loading" not in log and "Traceback" not in log  # refused before the weights are read
+        assert files_in(out) == before  # nothing deleted or changed, the lock's claim included
+        first.send_signal(signal.SIGCONT)
+        log = first.communicate(timeout=120)[0]
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert first.returncode == 0, log
+    assert committed(out) == ["step_00000004", "step_00000006"]
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    for name, arr in final_tensors(out).items():  # the first run went on as if alone
+        np.testing.assert_array_equal(arr, expected[name], err_msg=name)
+
+
+def test_ctrl_c_checkpoints_and_exits_130_and_a_second_ctrl_c_stops_at_once(workdir, reference_run):
+    expected = final_tensors(reference_run[0])
+    out = workdir / "ctrl_c"
+    args = run_args(workdir, out, "--checkpoint_every", "0")
+
+    # 1. Ctrl-C while step 2 runs (the run is held there by a SIGSTOP, so that it cannot end first): a
+    #    checkpoint at the end of the step, status 130, no traceback.
+    p = start(args, env_for(8, workdir, CRASH_AT="open:metrics.jsonl:2:SIGSTOP"), stderr=subprocess.PIPE)
+    try:
+        wait_stopped(p)
+        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGCONT)
+        stdout, stderr = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == 130, stdout + stderr
+    assert "Ctrl-C: stopping after this step with a checkpoint; Ctrl-C again stops at once" in stderr
+    saved = re.search(r"^SIGINT: checkpoint written at step (\d+); exiting$", stdout, re.M)
+    assert saved, stdout
+    saved = f"step_{int(saved[1]):08d}"
+    assert "Traceback" not in stdout + stderr and "KeyboardInterrupt" not in stdout + stderr
+    assert committed(out) == os.listdir(out / "checkpoints") == [saved]
+
+    # 2. The same command resumes from that checkpoint. Ctrl-C, then Ctrl-C again while the checkpoint the
+    #    first asked for is being written (held before its file is renamed into place): the process ends at
+    #    once, killed by SIGINT, without a traceback, and that checkpoint is not taken for complete.
+    hold = "open:metrics.jsonl:1:SIGSTOP,os.rename:process_00000.safetensors:1:SIGSTOP"
+    p = start(args, env_for(8, workdir, CRASH_AT=hold))
+    try:
+        wait_stopped(p)  # at the first step's record
+        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGCONT)
+        wait_until(lambda: glob.glob(str(out / "checkpoints" / "*" / "process_00000.safetensors.partial")), p)
+        wait_stopped(p)  # before that file's rename
+        p.send_signal(signal.SIGINT)
+        p.send_signal(signal.SIGCONT)
+        log = p.communicate(timeout=20)[0]  # at once: no step, no write, no exit handler to wait for
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+    assert p.returncode == -signal.SIGINT, log
+    assert f"resuming from {out / 'checkpoints' / saved}" in log
+    assert "Ctrl-C: stopping after this step" in log and "checkpoint written at step" not in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+    assert committed(out) == [saved]
+
+    # 3. Ctrl-C before the loop (here while metrics.jsonl is cut back to the checkpoint): status 130, one line.
+    rc, log = run(args, env_for(8, workdir, CRASH_AT="open:metrics.jsonl.partial:1:SIGINT"))
+    assert rc == 130, log
+    assert f"alpaca.py: error: interrupted. Every complete checkpoint is kept; the same command resumes from " \
+           f"the latest, {out / 'checkpoints' / saved}" in log
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log
+
+    # 4. And again: it resumes from the first Ctrl-C's checkpoint and ends as the uninterrupted run did.
+    rc, log = run(args, env_for(8, workdir))
+    assert rc == 0, log
+    assert f"resuming from {out / 'checkpoints' / saved}" in log
+    for name, arr in final_tensors(out).items():
+        np.testing.assert_array_equal(arr, expected[name], err_msg=name)
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == list(range(1, STEPS + 1))
+
+
+def finished_out(reference_run, to, steps=("step_00000004", "step_00000006"), lock=False):
+    """A copy of the reference run's checkpoints `steps` and metrics.jsonl (and its .lock): a finished run."""
+    for s in steps:
+        shutil.copytree(reference_run[0] / "checkpoints" / s, to / "checkpoints" / s)
+    for f in ("metrics.jsonl",) + ((".lock",) if lock else ()):
+        shutil.copy(reference_run[0] / f, to / f)
+    return to
+
+
+def test_a_full_disk_stops_the_run_with_one_line_naming_the_file_and_what_is_kept(workdir, reference_run, tmp_path):
+    # A real full disk: a small tmpfs that only the run sees, in a private mount namespace.
+    if namespace_problem():
+        pytest.skip(namespace_problem())
+    env = env_for(8, workdir)
+
+    def kept(out):
+        return (f"Every complete checkpoint is kept; the same command resumes from the latest, "
+                f"{out / 'checkpoints' / 'step_00000006'}, and exports once every step is done.")
+
+    def one_error(log):
+        return log.count("alpaca.py: error:") == 1 and "Traceback" not in log
+
+    # 1. The final export on a full disk (--hf_save_path on 256 KB; the float32 model is 1 MB); --out has room.
+    out, hf = finished_out(reference_run, tmp_path / "run"), tmp_path / "hf"
+    hf.mkdir()
+    args = run_args(workdir, out, "--hf_save_path", str(hf))
+    rc, log = run_in_namespace(f"mount -t tmpfs -o size=256k tmpfs {q(hf)}", args, env)
+    assert rc == 1, log
+    assert "all 6 steps are done" in log
+    assert f"alpaca.py: error: {hf / 'final' / 'model.safetensors'}: " in log and "No space left on device" in log
+    assert kept(out) in log and one_error(log), log
+    assert committed(out) == ["step_00000004", "step_00000006"]
+    rc, log = run(args, env)  # the same command, with room: resumes at the last step and exports
+    assert rc == 0, log
+    assert "all 6 steps are done" in log and os.listdir(hf) == ["final"]
+    expected = final_tensors(reference_run[0])
+    from safetensors.numpy import load_file
+    for name, arr in load_file(str(hf / "final" / "model.safetensors")).items():
+        np.testing.assert_array_equal(arr, expected[name], err_msg=name)
+
+    # 2. A restart with --out itself on a full disk: its first write, metrics.jsonl cut back to the checkpoint
+    #    through a temporary name, fails.
+    saved, full = finished_out(reference_run, tmp_path / "saved", ["step_00000006"], lock=True), tmp_path / "full"
+    full.mkdir()
+    fill = f"{{ dd if=/dev/zero of={q(full / 'fill')} bs=4k 2>/dev/null; true; }}"
+    rc, log = run_in_namespace(f"mount -t tmpfs -o size=4m tmpfs {q(full)} && cp -a {q(saved)}/. {q(full)}/ && {fill}",
+                               run_args(workdir, full), env)
+    assert rc == 1, log
+    assert f"alpaca.py: error: {full / 'metrics.jsonl'}: No space left on device. {kept(full)}" in log
+    assert one_error(log), log
+
+    # 3. A fresh --out on a full disk: its first write, the run's claim in OUT/.lock, fails.
+    rc, log = run_in_namespace(f"mount -t tmpfs -o size=64k tmpfs {q(full)} && {fill}", run_args(workdir, full), env)
+    assert rc == 1, log
+    assert f"alpaca.py: error: {full / '.lock'}: No space left on device. There is no complete checkpoint yet: " \
+           "the same command starts afresh." in log
+    assert one_error(log), log
+
+
+def test_read_only_out_with_a_damaged_checkpoint_is_refused_and_nothing_deleted(workdir, reference_run, tmp_path):
+    out = finished_out(reference_run, tmp_path / "ro")
+    newest = out / "checkpoints" / "step_00000006"
+    (newest / "process_00000.safetensors").write_bytes((newest / "process_00000.safetensors").read_bytes()[:-100])
+    before = files_in(out)
+    rc, log = run(run_args(workdir, out), env_for(8, workdir, READ_ONLY=str(out)))  # faults/sitecustomize.py
+    assert rc == 2, log
+    assert f"alpaca.py: error: --out {out}: not a writable directory (Read-only file system)" in log
+    assert "Traceback" not in log
+    assert files_in(out) == before and (newest / "meta.json").exists()  # the damaged checkpoint kept
+
+
+def test_written_files_follow_the_umask(reference_run):
+    # As open() makes them: 0o666 & ~umask (0o644 under umask 022); safetensors alone makes 0o600.
+    umask = os.umask(0)
+    os.umask(umask)  # the test process's, which the runs inherited
+    out = reference_run[0]
+    files = [os.path.relpath(os.path.join(d, f), out) for d, _, names in os.walk(out) for f in names]
+    assert {"hf/final/model.safetensors", "hf/final/config.json", "hf/final/tokenizer.model",
+            "hf/final/tokenizer_config.json", "checkpoints/step_00000006/process_00000.safetensors",
+            "checkpoints/step_00000006/meta.json", "metrics.jsonl", ".lock"} <= set(files)
+    assert {f: oct(stat.S_IMODE(os.stat(out / f).st_mode)) for f in files} == {f: oct(0o666 & ~umask) for f in files}
 
 
 def test_a_checkpoint_reads_back_on_other_layouts(tmp_path):
@@ -288,7 +504,6 @@ def test_export_chat_template_renders_the_training_prompt(reference_run):
 
 
 def test_damaged_checkpoints_are_skipped_with_a_warning_or_named(workdir, reference_run, tmp_path):
-    import shutil
     expected = final_tensors(reference_run[0])
     out = tmp_path / "damaged"
     shutil.copytree(reference_run[0] / "checkpoints", out / "checkpoints")  # steps 4 and 6
