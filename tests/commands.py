@@ -3,12 +3,16 @@ subprocesses: the real stories260K model on 48 real Alpaca records, 6 float32 st
 rows planned for 8 devices whatever the layout (1 x 8, 2 x 4 or 1 x 1), so every layout trains on the same
 batches. Every subprocess runs with FAULTS on its PYTHONPATH: renaming a directory fails there, as on a Cloud
 Storage FUSE mount, so every training, checkpoint, resume, pruning and export of the tests is done without; and
-CRASH_AT=... in its environment kills it at a given moment (see faults/sitecustomize.py)."""
+CRASH_AT=... in its environment kills it at a given moment (see faults/sitecustomize.py). run_in_namespace runs
+one on a file system of its own (a full disk, say)."""
 
+import functools
 import json
 import os
+import shlex
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "tests", "assets")
@@ -50,9 +54,9 @@ def env_for(devices, workdir, **extra):
     return env
 
 
-def start(args, env):
+def start(args, env, stderr=subprocess.STDOUT):
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "alpaca.py"), *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 def run(args, env, timeout=300):
@@ -65,3 +69,33 @@ def committed(out):
     """The checkpoint directories of a run that carry the commit marker (meta.json)."""
     root = os.path.join(out, "checkpoints")
     return sorted(d for d in os.listdir(root) if os.path.exists(os.path.join(root, d, "meta.json")))
+
+
+@functools.lru_cache(maxsize=None)
+def namespace_problem():
+    """Why run_in_namespace cannot work here ('' when it can): `unshare -rm` (new user and mount namespaces,
+    this user root in them) may be missing or forbidden (some containers; AppArmor on Ubuntu 24.04)."""
+    d = tempfile.mkdtemp()
+    try:
+        p = subprocess.run(["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=64k tmpfs "$0"', d],
+                           capture_output=True, text=True, timeout=60)
+        return "" if p.returncode == 0 else f"`unshare -rm` with a tmpfs mount fails here: {p.stderr.strip()}"
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"`unshare -rm` cannot run here: {e}"
+    finally:
+        os.rmdir(d)
+
+
+def run_in_namespace(setup, args, env, timeout=300):
+    """run(args, env) in a private mount namespace, after the shell commands `setup` (e.g. mount a tmpfs and
+    fill it): what they mount, and what is written there, only this run sees, and it goes when the run ends."""
+    script = f'{setup} && exec "$@"'
+    p = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", sys.executable, os.path.join(ROOT, "alpaca.py"),
+                        *args], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       timeout=timeout)
+    return p.returncode, p.stdout
+
+
+def q(path):
+    """A path quoted for the shell."""
+    return shlex.quote(str(path))

@@ -374,6 +374,27 @@ def test_bad_data_gives_a_clear_message_and_exit_2(case, tmp_path, capsys):
     assert err.startswith("alpaca.py: error: ") and name in err
 
 
+def test_a_persons_data_files_load_as_meant(records, tmp_path, capsys):
+    some = records[:20]
+    # A byte-order mark at the start, as Windows editors write: the same records.
+    for name, text in (("bom.json", json.dumps(some)), ("bom.jsonl", "".join(json.dumps(r) + "\n" for r in some))):
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+        assert alpaca.load_records(str(tmp_path / name)) == some
+    # "input": null (some variants' missing input) is no input; another type is still named.
+    with_null = [dict(r, input=None) if not r["input"] else r for r in some]
+    assert with_null != some and alpaca.load_records(write(tmp_path, "null.json", json.dumps(with_null))) == some
+    for value, kind in (("[\"x\"]", "list"), ("1.5", "float")):
+        path = write(tmp_path, "bad.json", '[{"instruction": "a", "input": %s, "output": "b"}]' % value)
+        with pytest.raises(alpaca.InputError, match=f"bad.json: record 0: field 'input' is {kind}, not a string"):
+            alpaca.load_records(path)
+    # A directory as --data.
+    folder = tmp_path / "data"
+    folder.mkdir()
+    assert alpaca.main(["--dry_run", "--data", str(folder), "--model", STORIES, "--seq_len", "512", "--cache_dir",
+                        str(tmp_path / "cache")]) == 2
+    assert f"--data {folder}: a directory, not a data file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("tok,message", [("empty_dir", "no tokenizer.model in"),
                                          ("/no/such/tokenizer.model", "no such file"),
                                          ("not_sentencepiece", "not a SentencePiece model")])
