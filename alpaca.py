@@ -122,8 +122,16 @@ class InputError(Exception):
 
 
 class Stopped(Exception):
-    """The run stops on its own (a diverged loss, a failed checkpoint write), keeping every complete
-    checkpoint. main prints the message and exits 1."""
+    """The run stops itself (a diverged loss, a failed checkpoint write), keeping its checkpoints: exit 1."""
+
+
+@contextmanager
+def input_error(what):
+    """llama.py's errors (and the OS's) in the block, as an InputError naming `what`: a flag, usually."""
+    try:
+        yield
+    except (llama.CheckpointError, OSError) as e:
+        raise InputError(f"{what}: {e}")
 
 
 # The README's first command: a real (tiny) pretrained Llama fine-tuned on 2,000 real Alpaca records, both
@@ -151,12 +159,11 @@ def parse_config(argv):
 
 
 def main_process():
-    """Process 0 of the job: with several hosts, the one that prints, logs and writes meta.json and exports."""
+    """Process 0: with several hosts, the one that prints, logs, and writes meta.json and the exports."""
     return jax.process_index() == 0
 
 
-def say(*args):
-    """Print, on process 0 only."""
+def say(*args):  # print, on process 0 only
     if main_process():
         print(*args, flush=True)
 
@@ -491,11 +498,9 @@ def lora_targets(c):
 def model_config(c, weights=True):
     """(model directory, LlamaConfig, LoraConfig or None), checked against the flags. weights=False
     (--dry_run, the planner) reads config.json alone; weights=True also checks the safetensors headers."""
-    try:
+    with input_error(f"--model {c.model}"):
         model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
         mc = llama.check_checkpoint(model_dir)[0] if weights else llama.read_config(model_dir)
-    except (llama.CheckpointError, OSError) as e:
-        raise InputError(f"--model {c.model}: {e}")
     if c.seq_len > mc.max_position_embeddings:
         raise InputError(f"--seq_len {c.seq_len} is above the model's max_position_embeddings "
                          f"({mc.max_position_embeddings})")
@@ -724,30 +729,10 @@ def format_prompt(record):
     return PROMPT_DICT["prompt_input" if record.get("input") else "prompt_no_input"].format_map(record)
 
 
-def tokenizer_path(path):
-    """The tokenizer.model file, or the one in a model directory or Hub repo (then downloaded alone)."""
-    if os.path.isfile(path):
-        return path
-    if path.endswith(".model"):
-        raise InputError(f"tokenizer: no such file: {path}")
-    try:
-        file = os.path.join(llama.resolve_model_path(path, ["tokenizer.model"]), "tokenizer.model")
-    except llama.CheckpointError as e:
-        raise InputError(f"tokenizer: {e}")
-    if not os.path.isfile(file):
-        raise InputError(f"tokenizer: no tokenizer.model in {path}")
-    return file
-
-
 def load_tokenizer(path):
-    file = tokenizer_path(path)
-    try:
-        sp = spm.SentencePieceProcessor(model_file=file)
-    except Exception as e:
-        raise InputError(f"tokenizer: {file} is not a SentencePiece model ({e})")
-    if sp.bos_id() < 0 or sp.eos_id() < 0:
-        raise InputError(f"tokenizer: {file} defines no BOS or EOS token")
-    return sp
+    """llama.load_tokenizer: a tokenizer.model file, or a model directory's or Hub repo's."""
+    with input_error("tokenizer"):
+        return llama.load_tokenizer(path)
 
 
 # The loss boundary. Stanford tokenizes prompt + output as one text and masks the first len(prompt ids)
@@ -756,36 +741,12 @@ def load_tokenizer(path):
 # prompt it never sees at inference. We keep the boundary exact: the prompt is encoded alone, as a user's
 # prompt is at inference, and the output as its continuation, without SentencePiece's dummy-prefix "▁" on
 # its first word. Wherever no token straddles the boundary this equals Stanford's ids token for token.
-# SentencePiece has no per-call switch for the dummy prefix, so we load a copy of the model with
-# normalizer_spec.add_dummy_prefix = false, edited in the serialized protobuf.
-
-
-def _continuation_tokenizer(sp):
-    def varint(b, i):
-        x = shift = 0
-        while True:
-            x, shift, i = x | (b[i] & 0x7F) << shift, shift + 7, i + 1
-            if b[i - 1] < 0x80:
-                return x, i
-
-    def put_varint(x):
-        out = bytearray()
-        while x > 0x7F:
-            out.append(x & 0x7F | 0x80)
-            x >>= 7
-        return bytes(out + bytes([x]))
-
-    # ModelProto's fields are all length-delimited messages; field 3 is normalizer_spec, whose field 3 is
-    # add_dummy_prefix (bool). A scalar field given twice takes its last value, so appending 0x18 0x00
-    # (field 3, varint, false) to the normalizer's bytes turns the dummy prefix off.
-    proto, out, i = sp.serialized_model_proto(), bytearray(), 0
-    while i < len(proto):
-        tag, j = varint(proto, i)
-        size, k = varint(proto, j)
-        body = proto[k:k + size] + (b"\x18\x00" if tag == (3 << 3 | 2) else b"")
-        out += put_varint(tag) + put_varint(len(body)) + body
-        i = k + size
-    return spm.SentencePieceProcessor(model_proto=bytes(out))
+# SentencePiece has no per-call switch for the dummy prefix, so the outputs are encoded by a copy of the
+# model with normalizer_spec.add_dummy_prefix = false, edited in the serialized protobuf: a parser merges a
+# message field given twice, so ModelProto's field 3 (normalizer_spec) appended again, holding only its own
+# field 3 (add_dummy_prefix) = false, is that edit. Bytes: 0x1a (field 3, length-delimited), length 2, 0x18
+# (field 3, varint), 0x00.
+NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 
 
 def tokenize_records(records, sp, max_len):
@@ -796,8 +757,8 @@ def tokenize_records(records, sp, max_len):
        record     int32[N]               index of the example's record in `records`
     Truncation keeps the first max_len tokens; an example with no output token or EOS left is dropped."""
     prompt_ids = sp.encode([format_prompt(r) for r in records], num_threads=os.cpu_count())
-    output_ids = _continuation_tokenizer(sp).encode([r["output"] for r in records],
-                                                    num_threads=os.cpu_count())
+    continuation = spm.SentencePieceProcessor(model_proto=sp.serialized_model_proto() + NO_DUMMY_PREFIX)
+    output_ids = continuation.encode([r["output"] for r in records], num_threads=os.cpu_count())
     seqs, loss_start, kept, truncated = [], [], [], 0
     for i, (p, o) in enumerate(zip(prompt_ids, output_ids)):
         ids = [sp.bos_id()] + p + o + [sp.eos_id()]
@@ -1214,7 +1175,8 @@ def export_hf(run, state, path):
     adapter_config.json names --model as its base (a local one by its absolute path)."""
     c, mc, lc = run.c, run.mc, run.lc
     weights, adapters = (state["frozen"], state["trained"]) if lc else (state["trained"], None)
-    tokenizer = dict(tokenizer=tokenizer_path(c.tokenizer or run.model_dir), chat_template=chat_template())
+    with input_error("tokenizer"):
+        tokenizer = dict(tokenizer=llama.tokenizer_file(c.tokenizer or run.model_dir), chat_template=chat_template())
     llama.save_hf(path, mc, weights, dtype=jnp.dtype(c.hf_dtype), lora=adapters,
                   lora_scale=lc.scale if lc else 1.0, **tokenizer)
     say(f"exported Hugging Face checkpoint to {path}{' (LoRA merged)' if lc else ''}")
@@ -1244,10 +1206,8 @@ def respond(model, instruction, input_text="", *, max_new_tokens=256, temperatur
         out = os.path.dirname(os.path.dirname(os.path.abspath(model)))
         raise InputError(f"--model {model}: a training checkpoint; generation takes a Hugging Face export, "
                          f"e.g. {os.path.join(out, 'hf', 'final')} (or DIR/final of the run's --hf_save_path)")
-    try:
+    with input_error(f"--model {model}"):
         mc, params = llama.load_hf(model)
-    except (llama.CheckpointError, OSError) as e:
-        raise InputError(f"--model {model}: {e}")
     sp = load_tokenizer(llama.resolve_model_path(model))
     ids = [sp.bos_id()] + sp.encode(format_prompt({"instruction": instruction, "input": input_text}))
     if len(ids) >= mc.max_position_embeddings:

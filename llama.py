@@ -9,8 +9,8 @@ Read top to bottom:
   4. The loss (summed cross-entropy, number of loss tokens) and the FLOPs of training, for MFU.
   5. Generation with a KV cache.
   6. Hugging Face safetensors in (streamed, optionally straight into a sharding; damage is an error naming
-     the file) and out (with the tokenizer, config.json last as the commit marker; LoRA merged, or PEFT).
-  7. `python llama.py compare`: our logits against transformers'.
+     the file) and out (with the tokenizer, config.json last as the commit marker; LoRA merged, or PEFT);
+     the SentencePiece tokenizer. benchmarks/compare.py checks our logits against transformers'.
 
 Shape letters: B batch, T time (queries), S time (keys), D model width, H query heads, K kv heads,
 G = H / K query heads per kv head, E head dim, F MLP width, V vocab, L layers, r LoRA rank.
@@ -18,7 +18,6 @@ G = H / K query heads per kv head, E head dim, F MLP width, V vocab, L layers, r
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -28,7 +27,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from typing import Callable
 
 import jax
@@ -498,6 +496,30 @@ def read_config(path: str) -> LlamaConfig:
     return LlamaConfig.from_hf(_read_json(cfg_file), source=cfg_file)
 
 
+def tokenizer_file(path: str) -> str:
+    """A tokenizer.model file as is, or the one of a model directory or Hub repo (downloaded alone)."""
+    if os.path.isfile(path):
+        return path
+    if path.endswith(".model"):
+        raise CheckpointError(f"no such file: {path}")
+    file = os.path.join(resolve_model_path(path, ["tokenizer.model"]), "tokenizer.model")
+    if not os.path.isfile(file):
+        raise CheckpointError(f"no tokenizer.model in {path}")
+    return file
+
+
+def load_tokenizer(path: str):
+    """The SentencePiece tokenizer of tokenizer_file(path), which must define BOS and EOS."""
+    file = tokenizer_file(path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=file)
+    except Exception as e:  # whatever sentencepiece raises: not a model it can read
+        raise CheckpointError(f"{file} is not a SentencePiece model ({e})") from e
+    if sp.bos_id() < 0 or sp.eos_id() < 0:
+        raise CheckpointError(f"{file} defines no BOS or EOS token")
+    return sp
+
+
 def _expected_tensors(mc: LlamaConfig) -> dict[str, tuple]:
     """HF name -> HF shape, in the order hf_tensors yields them."""
     shapes = param_shapes(mc)
@@ -535,8 +557,8 @@ def check_checkpoint(path: str):
         raise CheckpointError(f"{path}: missing tensors {missing[:5]} ({len(missing)} in all) for the config "
                               "in config.json")
     if unexpected:
-        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]} ({len(unexpected)} in all): not a "
-                              "plain Llama checkpoint?")
+        raise CheckpointError(f"{path}: unexpected tensors {unexpected[:5]} ({len(unexpected)} in all): "
+                              "not a plain Llama checkpoint?")
     for file in sorted(set(where[name] for name in expected)):
         with _reading(file), safe_open(file, framework="numpy") as f:
             for name in (n for n in expected if where[n] == file):
@@ -739,8 +761,8 @@ def peft_config(lc: LoraConfig, base_model: str) -> dict:
             "modules_to_save": None, "target_modules": modules}
 
 
-def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: str, tokenizer: str | None = None,
-              chat_template: str | None = None) -> str:
+def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: str,
+              tokenizer: str | None = None, chat_template: str | None = None) -> str:
     """Write what peft.PeftModel.from_pretrained(base, path) loads: adapter_model.safetensors (float32), the
     tokenizer if given, and adapter_config.json, read first: the commit marker. Every process calls this."""
     tensors = {}
@@ -753,48 +775,3 @@ def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: s
     files = [("adapter_model.safetensors", functools.partial(save_file, tensors, metadata={"format": "pt"}))]
     files += tokenizer_files(mc, tokenizer, chat_template) if tokenizer else []
     return _write_dir(path, "adapter_config.json", peft_config(lc, base_model), files)
-
-
-# --- 7. `python llama.py compare`: our logits against transformers on a real checkpoint ---------------------
-
-
-def compare(model: str, prompt: str) -> dict:
-    """Max |logit difference| and top-1 agreement between this file and transformers, float32, CPU."""
-    try:
-        import torch
-        from transformers import AutoModelForCausalLM
-    except ImportError:
-        raise SystemExit("compare needs torch and transformers: pip install -r tests/requirements.txt")
-
-    path = resolve_model_path(model)
-    if not os.path.exists(os.path.join(path, "tokenizer.model")):
-        raise CheckpointError(f"{path}: no tokenizer.model to encode the prompt with")
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model"))
-    mc, params = load_hf(path)
-    ids = [mc.bos_token_id] + sp.encode(prompt)
-    ours = np.asarray(forward(params, jnp.asarray([ids], jnp.int32), mc))[0]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        theirs = hf(torch.tensor([ids])).logits[0].numpy()
-    return {"tokens": len(ids), "max_abs_logit_diff": float(np.abs(ours - theirs).max()),
-            "top1_agreement": float(np.mean(ours.argmax(-1) == theirs.argmax(-1))),
-            "logit_scale": float(np.abs(theirs).max())}
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    cp = p.add_subparsers(dest="cmd", required=True).add_parser(
-        "compare", help="our logits against transformers' on a checkpoint (float32, CPU)")
-    cp.add_argument("--model", required=True, help="HF model directory or Hub repo id")
-    cp.add_argument("--prompt", default="Below is an instruction that describes a task.")
-    args = p.parse_args(argv)
-    try:
-        print(json.dumps(compare(args.model, args.prompt)))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

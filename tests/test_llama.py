@@ -334,7 +334,7 @@ def test_old_checkpoints_with_rotary_buffers_load(stories_copy):
 
 
 def test_compare_command_reports_parity():
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "llama.py"), "compare", "--model", STORIES,
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compare.py"), "--model", STORIES,
                           "--prompt", "Once upon a time"], capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert out.returncode == 0, out.stderr
@@ -365,5 +365,7 @@ def test_generation_arguments_are_checked():
 
 def test_compare_without_tokenizer_is_a_clear_error(stories_copy, capsys):
     os.remove(stories_copy / "tokenizer.model")
-    assert llama.main(["compare", "--model", str(stories_copy)]) == 2
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compare
+    assert compare.main(["--model", str(stories_copy)]) == 2
     assert "no tokenizer.model" in capsys.readouterr().err
