@@ -206,8 +206,7 @@ class Run:
 
 
 def preflight(c):
-    """Every check of the flags against config.json, the data, the devices, --out and the checkpoint to
-    resume from, before anything is loaded or written (a probe file aside). Returns the Run."""
+    """The Run, once every check of section 3 has passed: nothing is loaded or written but a probe file."""
     t_launch = time.time()
     check_flags(c)
     model_dir, mc, lc = model_config(c)
@@ -223,8 +222,10 @@ def preflight(c):
                          f"({problem or 'see its log'})")
     if from_process_0(bool(c.wandb_project) and main_process() and not importlib.util.find_spec("wandb")):
         raise InputError("--wandb_project needs wandb on process 0: pip install wandb")
+    data_hash = hashlib.sha256(b"".join(np.ascontiguousarray(examples[k]).tobytes()  # the examples planned
+                                        for k in ("tokens", "offsets", "loss_start"))).hexdigest()[:32]
     meta = {"config": dataclasses.asdict(c), "model_config": dataclasses.asdict(mc), "data_parallel": planned,
-            "data_hash": data_hash(examples), "base_fingerprint": lc and llama.weights_fingerprint(model_dir)}
+            "data_hash": data_hash, "base_fingerprint": lc and llama.weights_fingerprint(model_dir)}
     if start:
         check_resumable(resumed, c, meta, checkpoint_dir(c.out, start))
     return Run(c=c, model_dir=model_dir, mc=mc, lc=lc, mesh=mesh, examples=examples, plan=plan, stats=stats,
@@ -254,10 +255,9 @@ def make_step(c, mc, lc, mesh, steps, micro_batches):
 
 @contextmanager
 def own_out(run):
-    """Take --out for this run: process 0 holds a POSIX lock on OUT/.lock while it lives (the kernel drops it
-    however the process ends: a run that died never blocks its restart) and a second run is refused, named.
-    Every process must see what process 0 wrote there (several hosts share --out). Then process 0 deletes
-    what crashes left: uncommitted and damaged checkpoints."""
+    """Take --out: process 0 locks OUT/.lock while it lives (the kernel unlocks it however the process ends)
+    and a second run is refused, named; every process must see what process 0 wrote there. Then process 0
+    deletes what crashes left: uncommitted and damaged checkpoints (README: "Checkpoints")."""
     out, lock, fd, owner = run.c.out, os.path.join(run.c.out, ".lock"), None, ""
     token = from_process_0(int.from_bytes(os.urandom(3), "little"))
     if main_process():
@@ -272,11 +272,12 @@ def own_out(run):
                 say(f"warning: {lock}: no lock ({e.strerror}): a second run would not be refused")
         if not owner:
             os.ftruncate(fd, 0)
-            os.write(fd, f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} ({token})".encode())
+            os.write(fd, f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} "
+                         f"({token})".encode())
     try:
         if from_process_0(bool(owner)):
-            raise InputError(f"--out {out} is in use by another run ({owner or 'see process 0'}). Wait for it "
-                             "to end or stop it, or choose another --out")
+            raise InputError(f"--out {out} is in use by another run ({owner or 'see process 0'}). Wait for "
+                             "it to end or stop it, or choose another --out")
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("out-claimed")
             for _ in range(10):  # network filesystems may lag
@@ -286,8 +287,9 @@ def own_out(run):
                 time.sleep(0.5)
             blind = [i for i, (ok,) in enumerate(all_processes(seen)) if not ok]
             if blind:
-                raise InputError(f"--out {out}: process(es) {blind} do not see what process 0 wrote there. With "
-                                 "several hosts, --out must be a directory they all share (NFS, GCS FUSE, ...)")
+                raise InputError(f"--out {out}: process(es) {blind} do not see what process 0 wrote there. "
+                                 "With several hosts, --out must be a directory they all share (NFS, GCS "
+                                 "FUSE, ...)")
         if main_process():
             for s in run.damaged:  # skipped by preflight; remove_uncommitted deletes the rest
                 os.remove(os.path.join(checkpoint_dir(out, s), "meta.json"))
@@ -302,8 +304,7 @@ SAVED = ("trained", "opt_state")  # what a checkpoint holds of the state (shardi
 
 
 def restore_or_load(run):
-    """The training state: what is trained and its AdamW state from the latest complete checkpoint, and what
-    else it needs (the whole model, or LoRA's frozen base) from --model."""
+    """The training state: what is trained and its AdamW state from the checkpoint, the rest from --model."""
     c, steps = run.c, run.plan["steps"]
     like = sharding.abstract_state(run.mc, run.mesh, jnp.dtype(c.param_dtype), run.lc)
     saved = load_checkpoint(c.out, run.start, {k: like[k] for k in SAVED}) if run.start else {}
@@ -352,9 +353,9 @@ def train_loop(run, step_fn, state, logs):
                 say(f"first step done {time.time() - run.t_launch:.1f}s after start (includes compilation)")
             if not math.isfinite(m["loss"]) or not math.isfinite(m["grad_norm"]):
                 checkpoints.poll(wait=True)  # the last good one, committed
-                raise Stopped(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training diverged "
-                              f"(a lower --lr, in another --out?); nothing was written for this step. "
-                              f"{what_is_kept(c.out)}")
+                raise Stopped(f"step {k + 1}: loss {m['loss']}, grad_norm {m['grad_norm']}: training "
+                              f"diverged (a lower --lr, in another --out?); nothing was written for this "
+                              f"step. {what_is_kept(c.out)}")
             log_step(run, logs, k, m)
             stop = checkpoints.poll()  # all processes: a stop signal anywhere? the write in flight done?
             if stop or k + 1 == steps or (c.checkpoint_every and (k + 1) % c.checkpoint_every == 0):
@@ -378,9 +379,8 @@ PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e":
 
 
 def open_logs(run):
-    """The loop's log book: metrics.jsonl without what a killed run logged past its checkpoint (a line it cut
-    short has no newline) or a damaged line (named once: the log never stops a run), wandb if asked (both
-    process 0's), the counters since the last line."""
+    """The loop's log book: metrics.jsonl cut back to the checkpoint (a line cut short has no newline; damaged
+    lines are dropped, named: the log never stops a run), wandb if asked, the counters of the window."""
     c, path, kept, damaged = run.c, os.path.join(run.c.out, "metrics.jsonl"), [], []
     if main_process() and os.path.exists(path):
         with open(path, errors="replace") as fh:
@@ -403,8 +403,7 @@ def open_logs(run):
 
 
 def log_step(run, logs, k, m):
-    """Count the tokens and FLOPs of step k (0-based); every --log_every steps and at the end, a progress
-    line, a metrics.jsonl record and a wandb point for the steps since the last one."""
+    """Add step k's tokens and FLOPs to the window; log it every --log_every steps and at the end."""
     plan, step, steps, R = run.plan, k + 1, run.plan["steps"], run.plan["rows_per_step"]
     lens = example_lengths(run.examples)[plan["order"][plan["row_start"][k * R]:plan["row_start"][step * R]]]
     logs["tokens"] += int(lens.sum())
@@ -434,15 +433,23 @@ def log_step(run, logs, k, m):
 
 
 def finish(run, state):
-    """After the last step: the final Hugging Face export, then process 0 alone uploads it and answers
-    --sample_instruction with it. Returns the exit status."""
-    c, final = run.c, os.path.join(run.exports, "final")
+    """The final export; then process 0 alone uploads it to --hf_upload (token: HF_TOKEN or `hf auth login`;
+    a failure keeps it: exit 3) and answers --sample_instruction with it. Returns the exit status."""
+    c, final, status = run.c, os.path.join(run.exports, "final"), 0
     export_hf(run, state, final)
     if jax.process_count() > 1:
         # What is left is process 0's alone. Leave the distributed system now: at exit the others would wait
         # for process 0 at jax.distributed's shutdown barrier, which aborts them all after 300 s.
         jax.distributed.shutdown()
-    status = upload_hf(final, c.hf_upload) if c.hf_upload and main_process() else 0
+    if c.hf_upload and main_process():
+        try:
+            HfApi().create_repo(c.hf_upload, exist_ok=True, private=True)
+            HfApi().upload_folder(repo_id=c.hf_upload, folder_path=final, commit_message="Alpaca fine-tune")
+        except Exception as e:
+            say(f"upload to {c.hf_upload} failed ({type(e).__name__}: {e}); the export is kept at {final}")
+            status = 3
+        else:
+            say(f"uploaded {final} to https://huggingface.co/{c.hf_upload}")
     if c.sample_instruction and main_process():
         say(f"\n### Instruction:\n{c.sample_instruction}\n\n### Response (the fine-tuned model, greedy):")
         say(respond(final, c.sample_instruction, max_new_tokens=c.sample_tokens))
@@ -452,23 +459,23 @@ def finish(run, state):
 # ----------------------------------------------------------------------------------------------------------
 # 3. Preflight's checks, each in one place, each naming the flag, file or record to fix
 
-FLAG_RULES = {  # rule: the flags it applies to
-    "positive": "batch_size max_len seq_len lr lora_alpha", "in [0, 1)": "beta1 beta2",
-    ">= 0": "steps epochs micro_batch_size data_parallel checkpoint_every hf_save_steps eps weight_decay "
-            "grad_clip device_memory_gb lora_rank", "in [0, 1]": "warmup_ratio",
-    "at least 1": "log_every keep_checkpoints",
-    "float32, bfloat16 or float16": "param_dtype compute_dtype hf_dtype"}
-RULES = {"positive": lambda v: v > 0, "in [0, 1)": lambda v: 0 <= v < 1, ">= 0": lambda v: v >= 0,
-         "in [0, 1]": lambda v: 0 <= v <= 1, "at least 1": lambda v: v >= 1,
-         "float32, bfloat16 or float16": lambda v: v in ("float32", "bfloat16", "float16")}
+FLAG_RULES = {  # rule: (its test, the flags it applies to)
+    "positive": (lambda v: v > 0, "batch_size max_len seq_len lr lora_alpha"),
+    "in [0, 1)": (lambda v: 0 <= v < 1, "beta1 beta2"),
+    ">= 0": (lambda v: v >= 0, "steps epochs micro_batch_size data_parallel checkpoint_every hf_save_steps "
+                               "eps weight_decay grad_clip device_memory_gb lora_rank"),
+    "in [0, 1]": (lambda v: 0 <= v <= 1, "warmup_ratio"),
+    "at least 1": (lambda v: v >= 1, "log_every keep_checkpoints"),
+    "float32, bfloat16 or float16": (lambda v: v in ("float32", "bfloat16", "float16"),
+                                     "param_dtype compute_dtype hf_dtype")}
 PATH_FLAGS = ("model", "tokenizer", "data", "cache_dir", "out", "hf_save_path")
 
 
 def check_flags(c):
     """The flags that cannot work on their own."""
-    for rule, names in FLAG_RULES.items():
+    for rule, (test, names) in FLAG_RULES.items():
         for name in names.split():
-            if not RULES[rule](getattr(c, name)):  # `not`, so that NaN fails too
+            if not test(getattr(c, name)):  # `not`, so that NaN fails too
                 raise InputError(f"--{name} must be {rule}, got {getattr(c, name)!r}")
     for name in PATH_FLAGS:  # gs://, s3://, hdfs://...: os.makedirs would make a local folder "gs:"
         value = getattr(c, name)
@@ -561,8 +568,8 @@ def step_shape(c, lengths, planned, devices):
                              pack=not c.no_pack)
     if R % devices:  # only a run resumed on another device count gets here
         raise InputError(f"--out {c.out}: the checkpoint to resume planned steps of {R} rows (for "
-                         f"--data_parallel {planned}): they cannot be split over {devices} devices; resume on "
-                         f"a device count that divides {R}")
+                         f"--data_parallel {planned}): they cannot be split over {devices} devices; resume "
+                         f"on a device count that divides {R}")
     m = c.micro_batch_size
     if m and (R % m or m % devices):
         raise InputError(f"--micro_batch_size {m}: a micro-batch must divide the {R} rows of a step and be a "
@@ -617,35 +624,29 @@ def check_resumable(resumed, c, meta, where):
 # 4. Records: {instruction, input, output} from a .json list, a .jsonl file or an http(s) URL of one
 
 
-def load_records(source, cache_dir=".cache"):
-    """Alpaca records from a file or a URL. `input` may be missing or null (= ""); every other field must be
-    a string. Errors name the file and the line, or the record (0-based)."""
+def load_records(source, cache_dir=".cache", shown=None):
+    """Alpaca records from a file or a URL (`shown`: the file's name in errors). `input` may be missing or
+    null (= ""); every other field must be a string. Errors name the file and the line, or the record."""
     if source.startswith(("http://", "https://")):
         return download_records(source, cache_dir)
     if os.path.isdir(source):
         raise InputError(f"--data {source}: a directory, not a data file (a .json or .jsonl file of records)")
     if not os.path.isfile(source):
         raise InputError(f"--data {source}: no such file")
-    return read_records(source)
-
-
-def read_records(path, shown=None):
-    shown, rows = shown or path, []
+    shown, rows, jsonl = shown or source, [], source.endswith(".jsonl")
     try:
-        with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark, as Windows editors write
-            if path.endswith(".jsonl"):
+        with open(source, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark, as Windows editors write
+            if jsonl:
                 for n, line in enumerate(fh, 1):
-                    try:
-                        rows += [(f"line {n}", json.loads(line))] if line.strip() else []
-                    except json.JSONDecodeError as e:
-                        raise InputError(f"{shown}: line {n}: malformed JSON ({e.msg})")
+                    rows += [(f"line {n}", json.loads(line))] if line.strip() else []
             else:
                 rows = json.load(fh)
                 if not isinstance(rows, list):
                     raise InputError(f"{shown}: expected a JSON list of records, got a {type(rows).__name__}")
                 rows = [(f"record {i}", r) for i, r in enumerate(rows)]
-    except json.JSONDecodeError as e:
-        raise InputError(f"{shown}: line {e.lineno} column {e.colno}: malformed JSON ({e.msg})")
+    except json.JSONDecodeError as e:  # in a .jsonl file, line n's
+        where = f"line {n}" if jsonl else f"line {e.lineno} column {e.colno}"
+        raise InputError(f"{shown}: {where}: malformed JSON ({e.msg})")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"{shown}: cannot read ({type(e).__name__}: {e})")
     if not rows:
@@ -658,7 +659,8 @@ def read_records(path, shown=None):
         for key in ("instruction", "output"):
             if key not in r:
                 raise InputError(f"{shown}: {where}: missing field '{key}'")
-        r = {"instruction": r["instruction"], "input": "" if r.get("input") is None else r["input"], "output": r["output"]}
+        r = {"instruction": r["instruction"], "input": "" if r.get("input") is None else r["input"],
+             "output": r["output"]}
         for key, value in r.items():  # "input": null (some variants' missing input) became ""
             if not isinstance(value, str):
                 raise InputError(f"{shown}: {where}: field '{key}' is {type(value).__name__}, not a string")
@@ -683,7 +685,7 @@ def download_records(url, cache_dir):
         raise InputError(f"--data {url}: a URL must name a .json or .jsonl file")
     path = os.path.join(cache_dir, "downloads", hashlib.sha256(url.encode()).hexdigest()[:20] + ext)
     if os.path.exists(path):
-        return read_records(path, f"--data {url} (cached as {path})")
+        return load_records(path, shown=f"--data {url} (cached as {path})")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as e:
@@ -700,7 +702,7 @@ def download_records(url, cache_dir):
                 raise InputError(f"--data {url}: the downloaded file ({size} bytes) has git blob id "
                                  f"{git_blob_id(tmp)}, not the pinned {PINNED_DOWNLOADS[url]}: not the file "
                                  "this URL should serve")
-            return read_records(tmp, f"--data {url}: the download is not Alpaca data: {url}")
+            return load_records(tmp, shown=f"--data {url}: the download is not Alpaca data: {url}")
     except InputError:
         raise
     except Exception as e:  # HTTP errors, resets, timeouts: all mean "no data from here"
@@ -988,10 +990,9 @@ def from_process_0(value):
 
 
 class Checkpointer:
-    """The loop's checkpoints, one write at a time. save() copies this process's slices to host memory (all
-    that the step waits for) and writes them in a worker thread; poll(), at every step boundary on every
-    process, tells all whether any process got a stop signal and whether the write in flight has finished
-    or failed, and commits it once it has finished everywhere."""
+    """The loop's checkpoints, one write at a time: save() copies this process's slices to host memory (all
+    the step waits for) and writes them in a worker thread; poll(), at every step on every process, shares
+    the stop signals and the write's state, and commits it once it has finished everywhere."""
 
     def __init__(self, out, meta, keep):
         self.out, self.meta, self.keep = out, meta, keep
@@ -1022,13 +1023,12 @@ class Checkpointer:
             save_file(slices, tmp)
 
     def poll(self, wait=False):
-        """Returns the stop signal that any process got (0: none). Raises Stopped on every process if the
-        write failed on any."""
+        """The stop signal that any process got (0: none). A write failed on any process: Stopped on all."""
         step, future = self.pending or (0, None)
         if future and wait:
             future.exception()  # waits for it
-        done = future is None or future.done()
-        flags = all_processes(STOP["signal"], done, done and future is not None and future.exception() is not None)
+        done = not future or future.done()
+        flags = all_processes(STOP["signal"], done, bool(future and done and future.exception()))
         if future is None or not flags[:, 1].all():
             return int(flags[:, 0].max())
         self.pending = None
@@ -1070,33 +1070,27 @@ def remove_uncommitted(out, but=-1):
             shutil.rmtree(path, ignore_errors=True)
 
 
-def read_checkpoint(out, step):
-    """(meta.json, '') of a committed checkpoint whose files are whole, or (None, what is wrong, naming the
-    file)."""
-    file = os.path.join(checkpoint_dir(out, step), "meta.json")
-    try:
-        with open(file) as fh:
-            meta = json.load(fh)
-        for key in ("step", "processes", "devices", "config", "model_config", "data_hash", "data_parallel"):
-            if key not in meta:
-                return None, f"{file}: no {key!r} in it"
-        for i in range(meta["processes"]):
-            file = os.path.join(checkpoint_dir(out, step), f"process_{i:05d}.safetensors")
-            with safe_open(file, framework="numpy"):
-                pass  # reads the header and checks the file's size against it: a cut file fails here
-        return meta, ""
-    except Exception as e:  # missing, cut, not JSON, not safetensors: all mean "cannot resume from this"
-        return None, f"{file}: {type(e).__name__}: {e}"
+META_KEYS = ("step", "processes", "devices", "config", "model_config", "data_hash", "data_parallel")
 
 
 def resume_point(out):
-    """(step, meta.json, damaged steps): the newest complete checkpoint in OUT whose files are whole
-    ((0, None) if there is none) and the newer ones that are damaged, skipped with a warning, as process 0
-    sees them. If every checkpoint is damaged, stop. Nothing is deleted here (own_out does that)."""
+    """(step, meta.json, damaged steps), as process 0 sees OUT: the newest committed checkpoint whose files
+    are whole ((0, None) if none) and the newer ones, damaged: skipped with a warning (own_out deletes them).
+    If every checkpoint is damaged, stop."""
     step, meta, damaged = 0, None, []
     for s in reversed(list_checkpoints(out)) if main_process() else []:
-        meta, problem = read_checkpoint(out, s)
-        if meta:
+        file = os.path.join(checkpoint_dir(out, s), "meta.json")
+        try:
+            with open(file) as fh:
+                meta = json.load(fh)
+            problem = next((f"{file}: no {key!r} in it" for key in META_KEYS if key not in meta), "")
+            for i in range(0 if problem else meta["processes"]):
+                file = os.path.join(checkpoint_dir(out, s), f"process_{i:05d}.safetensors")
+                with safe_open(file, framework="numpy"):
+                    pass  # reads the header and checks the file's size against it: a cut file fails here
+        except Exception as e:  # missing, cut, not JSON, not safetensors: all mean "cannot resume from this"
+            problem = f"{file}: {type(e).__name__}: {e}"
+        if not problem:
             step = s
             break
         damaged.append((s, problem))
@@ -1107,8 +1101,9 @@ def resume_point(out):
     for s, problem in damaged:
         say(f"warning: skipping the damaged checkpoint {checkpoint_dir(out, s)}: {problem}")
     step = from_process_0(step)
-    if step and not main_process():
-        meta = read_checkpoint(out, step)[0]
+    if step and not main_process():  # process 0 checked it
+        with open(os.path.join(checkpoint_dir(out, step), "meta.json")) as fh:
+            meta = json.load(fh)
     return step, meta, [s for s, _ in damaged]
 
 
@@ -1145,12 +1140,6 @@ def load_checkpoint(out, step, like):
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def data_hash(examples):
-    """A fingerprint of the tokenized data: a resumed run must see the examples its plan was made from."""
-    return hashlib.sha256(b"".join(np.ascontiguousarray(examples[k]).tobytes()
-                                   for k in ("tokens", "offsets", "loss_start"))).hexdigest()[:32]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # 10. Hugging Face export, upload and generation. The export loads unchanged in transformers (README:
 # "Export"); its chat template renders Stanford's prompt: the last "user" message is the instruction, an
@@ -1158,15 +1147,12 @@ def data_hash(examples):
 
 
 def chat_template():
-    def fill(key):
-        return PROMPT_DICT[key].replace("{instruction}", "{{ ns.instruction }}").replace("{input}",
-                                                                                       "{{ ns.input }}")
-
+    fields = {"instruction": "{{ ns.instruction }}", "input": "{{ ns.input }}"}  # Stanford's, in Jinja
     return ("{%- set ns = namespace(instruction='', input='') -%}{%- for m in messages -%}"
             "{%- if m['role'] == 'user' %}{% set ns.instruction = m['content'] %}"
             "{%- elif m['role'] == 'input' %}{% set ns.input = m['content'] %}{% endif -%}{%- endfor -%}"
-            "{{ bos_token }}{% if ns.input %}" + fill("prompt_input") + "{% else %}" + fill("prompt_no_input")
-            + "{% endif %}")
+            "{{ bos_token }}{% if ns.input %}" + PROMPT_DICT["prompt_input"].format_map(fields) + "{% else %}"
+            + PROMPT_DICT["prompt_no_input"].format_map(fields) + "{% endif %}")
 
 
 def export_hf(run, state, path):
@@ -1176,7 +1162,8 @@ def export_hf(run, state, path):
     c, mc, lc = run.c, run.mc, run.lc
     weights, adapters = (state["frozen"], state["trained"]) if lc else (state["trained"], None)
     with input_error("tokenizer"):
-        tokenizer = dict(tokenizer=llama.tokenizer_file(c.tokenizer or run.model_dir), chat_template=chat_template())
+        tokenizer = dict(tokenizer=llama.tokenizer_file(c.tokenizer or run.model_dir),
+                         chat_template=chat_template())
     llama.save_hf(path, mc, weights, dtype=jnp.dtype(c.hf_dtype), lora=adapters,
                   lora_scale=lc.scale if lc else 1.0, **tokenizer)
     say(f"exported Hugging Face checkpoint to {path}{' (LoRA merged)' if lc else ''}")
@@ -1186,18 +1173,6 @@ def export_hf(run, state, path):
         say(f"exported PEFT adapter to {path}-adapter")
 
 
-def upload_hf(path, repo_id):
-    """Upload an export to the Hub (token: HF_TOKEN or `hf auth login`). A failure keeps the local copy."""
-    try:
-        HfApi().create_repo(repo_id, exist_ok=True, private=True)
-        HfApi().upload_folder(repo_id=repo_id, folder_path=path, commit_message="Alpaca fine-tune")
-    except Exception as e:
-        say(f"upload to {repo_id} failed ({type(e).__name__}: {e}); the export is kept at {path}")
-        return 3
-    say(f"uploaded {path} to https://huggingface.co/{repo_id}")
-    return 0
-
-
 def respond(model, instruction, input_text="", *, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
     """The answer of a Hugging Face checkpoint to one instruction through the template: BOS + prompt,
     generate up to max_new_tokens (or what the model's context leaves), cut at EOS."""
@@ -1205,7 +1180,8 @@ def respond(model, instruction, input_text="", *, max_new_tokens=256, temperatur
             os.path.exists(os.path.join(model, "meta.json")):
         out = os.path.dirname(os.path.dirname(os.path.abspath(model)))
         raise InputError(f"--model {model}: a training checkpoint; generation takes a Hugging Face export, "
-                         f"e.g. {os.path.join(out, 'hf', 'final')} (or DIR/final of the run's --hf_save_path)")
+                         f"e.g. {os.path.join(out, 'hf', 'final')} (or DIR/final of the run's "
+                         "--hf_save_path)")
     with input_error(f"--model {model}"):
         mc, params = llama.load_hf(model)
     sp = load_tokenizer(llama.resolve_model_path(model))
@@ -1252,11 +1228,6 @@ def compile_step(c, mc, lc, mesh, rows, micro_batches):
     return step.lower(state, abstract_batch(mesh, rows, c.seq_len)).compile()
 
 
-def peak_bytes(m):
-    """What one device holds at the peak of a step, from compiled.memory_analysis()."""
-    return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-
-
 def dry_run(c):
     """--dry_run: the data plan and what one device holds at the peak of a step: XLA's figure for the train
     step compiled for the devices here, from shapes alone. For a person on stderr, one JSON line on stdout."""
@@ -1264,8 +1235,8 @@ def dry_run(c):
     _, mc, lc = model_config(c, weights=False)
     mesh = mesh_for(c, mc, lc)
     _, plan, stats = prepare_data(c, mc, c.data_parallel or jax.device_count(), jax.device_count())
-    total = peak_bytes(compile_step(c, mc, lc, mesh, plan["rows_per_step"], plan["micro_batches"])
-                       .memory_analysis())
+    m = compile_step(c, mc, lc, mesh, plan["rows_per_step"], plan["micro_batches"]).memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
     limit = c.device_memory_gb * 1e9 or (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
     memory = {"devices": mesh.size, "device_kind": jax.devices()[0].device_kind, "bytes_per_device": total,
               "limit_bytes": limit, "fits": total <= limit if limit else None}
@@ -1302,7 +1273,8 @@ def main(argv=None):
         status, message = 1, (f"process {jax.process_index()} of {jax.process_count()} stopped: "
                               f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}\nIf another "
                               f"process of this job died or lost its connection, its log says why. Restart "
-                              f"all {jax.process_count()} processes with the same command. {what_is_kept(out)}")
+                              f"all {jax.process_count()} processes with the same command. "
+                              f"{what_is_kept(out)}")
     print(f"alpaca.py: error: {message}", file=sys.stderr)
     if jax.distributed.is_initialized() and jax.process_count() > 1:
         # Skip Python's exit, whose jax.distributed handler waits at a shutdown barrier (up to 300 s, then
