@@ -47,8 +47,7 @@ from safetensors.numpy import save_file
 import llama
 import sharding
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. Flags
+# --- 1. Flags ---------------------------------------------------------------------------------------------
 
 # Stanford's 52K records at a pinned commit, taken only if their git blob id is the one that commit records.
 ALPACA_DATA_URL = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
@@ -62,7 +61,6 @@ def _f(default, help):
 
 @dataclass(frozen=True)
 class Config:
-    # What to train on.
     model: str = _f("meta-llama/Llama-2-7b-hf", "Hugging Face Llama: a local directory or a Hub repo id")
     tokenizer: str = _f("", "tokenizer.model, or a directory or Hub repo holding one; '' = --model's")
     data: str = _f(ALPACA_DATA_URL, "Alpaca records: a .json or .jsonl file or an http(s) URL of one")
@@ -168,9 +166,9 @@ def say(*args):  # print, on process 0 only
         print(*args, flush=True)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. The run: train() is its whole life, one phase a line; the phases follow, in that order. Whatever the
-# flags, the data or the devices get wrong, preflight finds before a weight is read or a file written.
+# --- 2. The run -------------------------------------------------------------------------------------------
+# train() is a run's whole life, one phase a line; the phases follow, in that order. Whatever the flags, the
+# data or the devices get wrong, preflight finds before a weight is read or a file written.
 
 
 def train(c):
@@ -255,16 +253,15 @@ def make_step(c, mc, lc, mesh, steps, micro_batches):
 
 @contextmanager
 def own_out(run):
-    """Take --out: process 0 locks OUT/.lock while it lives (the kernel unlocks it however the process ends)
-    and a second run is refused, named; every process must see what process 0 wrote there. Then process 0
-    deletes what crashes left: uncommitted and damaged checkpoints (README: "Checkpoints")."""
+    """Take --out: process 0 locks OUT/.lock while it lives, refusing a second run; every process must see
+    what it wrote there. Then process 0 deletes what crashes left: uncommitted and damaged checkpoints."""
     out, lock, fd, owner = run.c.out, os.path.join(run.c.out, ".lock"), None, ""
     token = from_process_0(int.from_bytes(os.urandom(3), "little"))
     if main_process():
         os.makedirs(out, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it however the process ends
         except OSError as e:
             if e.errno in (errno.EACCES, errno.EAGAIN):  # held by a live process
                 owner = os.read(fd, 200).decode(errors="replace") or "?"
@@ -301,6 +298,7 @@ def own_out(run):
 
 
 SAVED = ("trained", "opt_state")  # what a checkpoint holds of the state (sharding.py); "frozen" is --model's
+STOP = {"signal": 0}  # SIGTERM or a first Ctrl-C: the loop writes a checkpoint and exits at the next step
 
 
 def restore_or_load(run):
@@ -325,9 +323,6 @@ def restore_or_load(run):
     return {**sharding.init_state(run.mc, params, run.lc, jax.random.key(c.seed)), **saved}
 
 
-STOP = {"signal": 0}  # SIGTERM or a first Ctrl-C: the loop writes a checkpoint and exits at the next step
-
-
 def on_stop_signal(signum, _frame):
     STOP["signal"] = signum
     if signum == signal.SIGINT:  # from now on Ctrl-C takes its default action: the process ends at once
@@ -337,8 +332,7 @@ def on_stop_signal(signum, _frame):
 
 
 def train_loop(run, step_fn, state, logs):
-    """Steps run.start .. the last: each runs on the batch the host built during the one before, then logs and
-    checkpoints. Returns (the signal that stopped it or 0, the state)."""
+    """Steps from run.start, each on a batch built during the step before: (stop signal or 0, state)."""
     c, steps = run.c, run.plan["steps"]
     batch_of = functools.partial(host_batch, run.examples, run.plan, sharding.batch_sharding(run.mesh))
     batch = batch_of(run.start) if run.start < steps else None
@@ -456,8 +450,7 @@ def finish(run, state):
     return status
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Preflight's checks, each in one place, each naming the flag, file or record to fix
+# --- 3. Preflight's checks, each in one place, each naming the flag, file or record to fix ----------------
 
 FLAG_RULES = {  # rule: (its test, the flags it applies to)
     "positive": (lambda v: v > 0, "batch_size max_len seq_len lr lora_alpha"),
@@ -538,8 +531,7 @@ def mesh_for(c, mc, lc):
 
 
 def prepare_data(c, mc, planned, devices):
-    """Records -> examples -> plan, the rows of a step planned for `planned` devices and split over `devices`.
-    Returns (examples, plan, statistics for the logs)."""
+    """(examples, plan, stats): a step's rows planned for `planned` devices and split over `devices`."""
     t0, records = time.perf_counter(), load_records(c.data, c.cache_dir)
     examples, stats, hit = tokenize_cached(records, load_tokenizer(c.tokenizer or c.model), c.max_len,
                                            c.cache_dir)
@@ -579,8 +571,7 @@ def step_shape(c, lengths, planned, devices):
 
 
 def why_unwritable(path):
-    """Why no directory can be made or written at `path` ('' when it can): a probe file is created and
-    removed in it, or in its nearest existing parent, where the run would create it."""
+    """Why no directory can be made or written at `path` ('' if one can), as a probe file tells."""
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent) or "."
@@ -595,17 +586,13 @@ def why_unwritable(path):
         return e.strerror or type(e).__name__
 
 
-# Flags that change what a run computes: a checkpoint written under other values is refused.
-# (--data_parallel is checked apart: 0 means "as recorded in the checkpoint".)
-RESUME_KEYS = ("model data tokenizer max_len seq_len no_pack batch_size micro_batch_size steps epochs lr "
-               "weight_decay warmup_ratio grad_clip beta1 beta2 eps seed param_dtype compute_dtype lora_rank "
-               "lora_alpha lora_targets").split()
-
-
 def check_resumable(resumed, c, meta, where):
-    """Refuse a checkpoint (its meta.json `resumed`, at `where`) whose run computed something else than this
-    one (whose checkpoints record `meta`), naming what differs."""
-    diffs = [f"--{k} {resumed['config'].get(k)!r} (this run: {getattr(c, k)!r})" for k in RESUME_KEYS
+    """Refuse the checkpoint at `where` (meta.json `resumed`) if its run computed otherwise, naming how."""
+    # The flags that change what a run computes (--data_parallel apart: 0 means "as the checkpoint planned").
+    keys = ("model data tokenizer max_len seq_len no_pack batch_size micro_batch_size steps epochs lr "
+            "weight_decay warmup_ratio grad_clip beta1 beta2 eps seed param_dtype compute_dtype lora_rank "
+            "lora_alpha lora_targets").split()
+    diffs = [f"--{k} {resumed['config'].get(k)!r} (this run: {getattr(c, k)!r})" for k in keys
              if resumed["config"].get(k) != getattr(c, k)]
     if c.data_parallel and c.data_parallel != resumed["data_parallel"]:
         diffs.append(f"--data_parallel {resumed['data_parallel']} (this run: {c.data_parallel})")
@@ -620,13 +607,11 @@ def check_resumable(resumed, c, meta, where):
                          ". Use the same settings to resume, or another --out to start afresh.")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. Records: {instruction, input, output} from a .json list, a .jsonl file or an http(s) URL of one
+# --- 4. Records: {instruction, input, output} from a .json list, a .jsonl file or an http(s) URL ----------
 
 
 def load_records(source, cache_dir=".cache", shown=None):
-    """Alpaca records from a file or a URL (`shown`: the file's name in errors). `input` may be missing or
-    null (= ""); every other field must be a string. Errors name the file and the line, or the record."""
+    """Alpaca records of a file or URL (`shown`: its name in errors); a missing or null `input` is ""."""
     if source.startswith(("http://", "https://")):
         return download_records(source, cache_dir)
     if os.path.isdir(source):
@@ -670,16 +655,12 @@ def load_records(source, cache_dir=".cache", shown=None):
 
 def git_blob_id(path):
     """What `git hash-object` prints for the file: sha1 of b"blob <size>\\0" followed by its bytes."""
-    h = hashlib.sha1(b"blob %d\0" % os.path.getsize(path))
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.sha1(b"blob %d\0" % os.path.getsize(path) + fh.read()).hexdigest()
 
 
 def download_records(url, cache_dir):
-    """The records of a .json/.jsonl URL, downloaded once into cache_dir/downloads. The bytes become the cache
-    entry only once they are whole, the pinned file (PINNED_DOWNLOADS) and Alpaca records."""
+    """A .json/.jsonl URL's records, downloaded once: kept in cache_dir/downloads if whole, pinned, Alpaca."""
     ext = os.path.splitext(urllib.parse.urlparse(url).path)[1]
     if ext not in (".json", ".jsonl"):
         raise InputError(f"--data {url}: a URL must name a .json or .jsonl file")
@@ -709,22 +690,14 @@ def download_records(url, cache_dir):
         raise InputError(f"--data {url}: the download failed ({type(e).__name__}: {e})")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. Prompts and tokens
+# --- 5. Prompts and tokens --------------------------------------------------------------------------------
 
-# Stanford Alpaca's PROMPT_DICT (train.py), character for character.
-PROMPT_DICT = {
-    "prompt_input": (
-        "Below is an instruction that describes a task, paired with an input that provides further context. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-    ),
-    "prompt_no_input": (
-        "Below is an instruction that describes a task. "
-        "Write a response that appropriately completes the request.\n\n"
-        "### Instruction:\n{instruction}\n\n### Response:"
-    ),
-}
+PROMPT_DICT = {  # Stanford Alpaca's (train.py), character for character
+    "prompt_input": ("Below is an instruction that describes a task, paired with an input that provides "
+                     "further context. Write a response that appropriately completes the request.\n\n"
+                     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"),
+    "prompt_no_input": ("Below is an instruction that describes a task. Write a response that appropriately "
+                        "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:")}
 
 
 def format_prompt(record):
@@ -749,6 +722,7 @@ def load_tokenizer(path):
 # field 3 (add_dummy_prefix) = false, is that edit. Bytes: 0x1a (field 3, length-delimited), length 2, 0x18
 # (field 3, varint), 0x00.
 NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
+CACHE_VERSION = 1  # of tokenize_records' output, in tokenize_cached's key: bump it when that changes
 
 
 def tokenize_records(records, sp, max_len):
@@ -783,12 +757,8 @@ def example_lengths(examples):
     return np.diff(examples["offsets"])
 
 
-CACHE_VERSION = 1  # bump when tokenize_records changes what it produces
-
-
 def tokenize_cached(records, sp, max_len, cache_dir):
-    """tokenize_records through a file named by a hash of all it depends on, so that a restarted job does not
-    tokenize again. Returns (examples, stats, cache_hit); an unreadable file is redone."""
+    """tokenize_records through a file named by a hash of its inputs: (examples, stats, cache_hit)."""
     h = hashlib.sha256()
     for part in (str(CACHE_VERSION), json.dumps(PROMPT_DICT, sort_keys=True), str(max_len),
                  json.dumps(records, ensure_ascii=False, separators=(",", ":"))):
@@ -811,9 +781,7 @@ def tokenize_cached(records, sp, max_len, cache_dir):
     return examples, stats, False
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 6. The plan: a token budget per step, a fixed number of rows, greedy first-fit with look-ahead
-#
+# --- 6. The plan: a token budget per step, a fixed number of rows, greedy first-fit with look-ahead -------
 # Every step has R rows of T = seq_len tokens, R fixed for the run (a multiple of the data-parallel size) so
 # that shapes never change and nothing recompiles. R is chosen from the data so that a step holds about
 # batch_size examples: R ~ batch_size * mean length / T. Each epoch shuffles the examples from (seed, epoch).
@@ -828,8 +796,7 @@ LOOKAHEAD = 512
 
 
 def choose_rows_per_step(lengths, *, batch_size, seq_len, data_parallel=1, pack=True):
-    """R: about batch_size examples a step, a multiple of the data-parallel size (every device gets as many
-    rows). Gradient accumulation does not change R: --micro_batch_size only splits it."""
+    """R: about batch_size examples a step, a multiple of the data-parallel size (micro-batches split it)."""
     if not pack:
         return batch_size
     rows = batch_size * float(np.mean(lengths)) / (seq_len * 0.99)
@@ -887,8 +854,7 @@ def plan_stats(plan, lengths):
             "packing_efficiency": round(float(np.asarray(lengths)[plan["order"]].sum()) / (steps * R * T), 4)}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 7. Batches: five [R, T] arrays (sharding.BATCH_KEYS)
+# --- 7. Batches: five [R, T] arrays (sharding.BATCH_KEYS) -------------------------------------------------
 #   tokens       the input tokens; 0 on padding
 #   targets      the token each position must predict: tokens[r, t + 1] within the same example, else 0
 #   loss_mask    1.0 where targets[r, t] is an output token or the EOS of the example, else 0.0
@@ -902,8 +868,7 @@ def make_batch(examples, plan, step, span=None):
         raise IndexError(f"step {step} is outside the plan's {plan['steps']} steps")
     R, T = plan["rows_per_step"], plan["seq_len"]
     lo, hi = span or (0, R)
-    b = {k: np.zeros((hi - lo, T), np.int32) for k in ("tokens", "targets", "segment_ids", "positions")}
-    b["loss_mask"] = np.zeros((hi - lo, T), np.float32)
+    b = {k: np.zeros((hi - lo, T), np.float32 if k == "loss_mask" else np.int32) for k in sharding.BATCH_KEYS}
     tokens, offsets, loss_start = examples["tokens"], examples["offsets"], examples["loss_start"]
     for r in range(lo, hi):
         g, t, x = step * R + r, 0, r - lo
@@ -926,9 +891,8 @@ def abstract_batch(mesh, rows, seq_len):
 
 
 def host_batch(examples, plan, batch_sharding, step):
-    """The batch of `step` as global jax.Arrays, of which this process builds only its devices' rows, in the
-    order they hold them: several spans where the mesh interleaves hosts (jax.make_mesh follows a pod's
-    torus, not its host boundaries)."""
+    """The batch of `step` as global jax.Arrays, of which this process builds its devices' rows alone: several
+    spans where the mesh interleaves hosts (jax.make_mesh follows a pod's torus, not its hosts)."""
     R, T = plan["rows_per_step"], plan["seq_len"]
     held = batch_sharding.addressable_devices_indices_map((R, T)).values()
     parts = [make_batch(examples, plan, step, span) for span in sorted({i[0].indices(R)[:2] for i in held})]
@@ -936,16 +900,12 @@ def host_batch(examples, plan, batch_sharding, step):
                                                       (R, T)) for k in parts[0]}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 8. Several hosts: one process per host, joined by jax.distributed; the mesh spans them all (README:
-# "Several hosts"). Each process builds only its devices' rows and writes only their checkpoint slices.
+# --- 8. Several hosts (README: "Several hosts") -----------------------------------------------------------
+# One process per host, joined by jax.distributed: each builds its devices' rows and writes their slices.
 
 
 def init_distributed():
-    """Join the other processes of this job, if any: JAX_COORDINATOR_ADDRESS (host:port of process 0),
-    JAX_NUM_PROCESSES and JAX_PROCESS_ID, or on a Cloud TPU VM nothing (the TPU metadata tells JAX).
-    JAX_INIT_TIMEOUT: seconds to wait for all to join; JAX_HEARTBEAT_TIMEOUT: seconds of silence after
-    which a process counts as dead."""
+    """Join the job's other processes, as the JAX_* variables or a Cloud TPU VM's metadata say."""
     env = os.environ
     try:
         timeouts = dict(initialization_timeout=int(env.get("JAX_INIT_TIMEOUT", 300)),
@@ -983,10 +943,9 @@ def from_process_0(value):
     return int(all_processes(value)[0, 0])
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 9. Checkpoints: OUT/checkpoints/step_N/ holds process_i.safetensors from each process (its devices' slices
-# of the state, a tensor NAME@START a slice) and meta.json, the commit marker written last by process 0
-# once every process has written its file (README: "Checkpoints"). Any device layout reads any checkpoint.
+# --- 9. Checkpoints (README: "Checkpoints") ---------------------------------------------------------------
+# OUT/checkpoints/step_N/ holds each process's slices of the state (tensor NAME@START) and meta.json, the
+# commit marker, written last. Any device layout reads any of them.
 
 
 class Checkpointer:
@@ -1060,8 +1019,7 @@ def list_checkpoints(out):
 
 
 def remove_uncommitted(out, but=-1):
-    """Delete the checkpoint directories without meta.json but that of step `but` (being written): pruned
-    checkpoints and what interrupted writes left. Process 0 only, while no other write is in flight."""
+    """Delete pruned and interrupted checkpoints (no meta.json) but step `but`'s, being written: process 0."""
     root = os.path.join(out, "checkpoints")
     for d in os.listdir(root) if os.path.isdir(root) else []:
         path = os.path.join(root, d)
@@ -1070,20 +1028,17 @@ def remove_uncommitted(out, but=-1):
             shutil.rmtree(path, ignore_errors=True)
 
 
-META_KEYS = ("step", "processes", "devices", "config", "model_config", "data_hash", "data_parallel")
-
-
 def resume_point(out):
-    """(step, meta.json, damaged steps), as process 0 sees OUT: the newest committed checkpoint whose files
-    are whole ((0, None) if none) and the newer ones, damaged: skipped with a warning (own_out deletes them).
-    If every checkpoint is damaged, stop."""
+    """(step, meta.json, damaged steps) as process 0 sees OUT: the newest committed checkpoint whose files are
+    whole, (0, None) if none, and the newer, damaged ones, skipped with a warning; all damaged: stop."""
     step, meta, damaged = 0, None, []
     for s in reversed(list_checkpoints(out)) if main_process() else []:
         file = os.path.join(checkpoint_dir(out, s), "meta.json")
         try:
             with open(file) as fh:
                 meta = json.load(fh)
-            problem = next((f"{file}: no {key!r} in it" for key in META_KEYS if key not in meta), "")
+            keys = ("step", "processes", "devices", "config", "model_config", "data_hash", "data_parallel")
+            problem = next((f"{file}: no {key!r} in it" for key in keys if key not in meta), "")
             for i in range(0 if problem else meta["processes"]):
                 file = os.path.join(checkpoint_dir(out, s), f"process_{i:05d}.safetensors")
                 with safe_open(file, framework="numpy"):
@@ -1108,9 +1063,8 @@ def resume_point(out):
 
 
 def load_checkpoint(out, step, like):
-    """The state saved at `step`, shaped and sharded like `like` (jax.ShapeDtypeStructs with .sharding),
-    whatever device layout wrote it: each slice this process's devices need is assembled from the
-    overlapping parts of the saved slices, read (memory-mapped) from whichever process's file holds them."""
+    """The state saved at `step`, shaped and sharded like `like` (ShapeDtypeStructs), whatever layout wrote
+    it: each slice a device here needs is assembled from the saved slices it overlaps, memory-mapped."""
     directory, saved = checkpoint_dir(out, step), {}
     with ExitStack() as files:
         for file in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
@@ -1140,30 +1094,26 @@ def load_checkpoint(out, step, like):
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 10. Hugging Face export, upload and generation. The export loads unchanged in transformers (README:
-# "Export"); its chat template renders Stanford's prompt: the last "user" message is the instruction, an
+# --- 10. Hugging Face export, upload and generation (README: "Export") ------------------------------------
+# The export's chat template renders Stanford's prompt: the last "user" message is the instruction, an
 # "input" message (optional) the input.
 
-
-def chat_template():
-    fields = {"instruction": "{{ ns.instruction }}", "input": "{{ ns.input }}"}  # Stanford's, in Jinja
-    return ("{%- set ns = namespace(instruction='', input='') -%}{%- for m in messages -%}"
-            "{%- if m['role'] == 'user' %}{% set ns.instruction = m['content'] %}"
-            "{%- elif m['role'] == 'input' %}{% set ns.input = m['content'] %}{% endif -%}{%- endfor -%}"
-            "{{ bos_token }}{% if ns.input %}" + PROMPT_DICT["prompt_input"].format_map(fields) + "{% else %}"
-            + PROMPT_DICT["prompt_no_input"].format_map(fields) + "{% endif %}")
+JINJA_FIELDS = {"instruction": "{{ ns.instruction }}", "input": "{{ ns.input }}"}
+CHAT_TEMPLATE = ("{%- set ns = namespace(instruction='', input='') -%}{%- for m in messages -%}"
+                 "{%- if m['role'] == 'user' %}{% set ns.instruction = m['content'] %}"
+                 "{%- elif m['role'] == 'input' %}{% set ns.input = m['content'] %}{% endif -%}{%- endfor -%}"
+                 "{{ bos_token }}{% if ns.input %}" + PROMPT_DICT["prompt_input"].format_map(JINJA_FIELDS)
+                 + "{% else %}" + PROMPT_DICT["prompt_no_input"].format_map(JINJA_FIELDS) + "{% endif %}")
 
 
 def export_hf(run, state, path):
-    """Every process calls this (the per-tensor gathers are collective); process 0 writes. With LoRA: `path`
-    gets the merged model (W + alpha/r A B: a plain Llama), `path`-adapter the PEFT adapter, whose
-    adapter_config.json names --model as its base (a local one by its absolute path)."""
+    """Every process calls this (the gathers are collectives); process 0 writes. With LoRA, `path` gets the
+    merged model (a plain Llama), `path`-adapter the PEFT adapter on --model (a local one: absolute path)."""
     c, mc, lc = run.c, run.mc, run.lc
     weights, adapters = (state["frozen"], state["trained"]) if lc else (state["trained"], None)
     with input_error("tokenizer"):
         tokenizer = dict(tokenizer=llama.tokenizer_file(c.tokenizer or run.model_dir),
-                         chat_template=chat_template())
+                         chat_template=CHAT_TEMPLATE)
     llama.save_hf(path, mc, weights, dtype=jnp.dtype(c.hf_dtype), lora=adapters,
                   lora_scale=lc.scale if lc else 1.0, **tokenizer)
     say(f"exported Hugging Face checkpoint to {path}{' (LoRA merged)' if lc else ''}")
@@ -1174,8 +1124,7 @@ def export_hf(run, state, path):
 
 
 def respond(model, instruction, input_text="", *, max_new_tokens=256, temperature=0.0, top_p=1.0, seed=0):
-    """The answer of a Hugging Face checkpoint to one instruction through the template: BOS + prompt,
-    generate up to max_new_tokens (or what the model's context leaves), cut at EOS."""
+    """A Hugging Face checkpoint's answer to one instruction through the template, greedy or sampled."""
     if re.fullmatch(r"step_\d{8}", os.path.basename(os.path.normpath(model))) and \
             os.path.exists(os.path.join(model, "meta.json")):
         out = os.path.dirname(os.path.dirname(os.path.abspath(model)))
@@ -1189,7 +1138,7 @@ def respond(model, instruction, input_text="", *, max_new_tokens=256, temperatur
     if len(ids) >= mc.max_position_embeddings:
         raise InputError(f"the prompt is {len(ids)} tokens: no room left in the model's context of "
                          f"{mc.max_position_embeddings}")
-    try:  # the flags of `alpaca.py generate` are generate's arguments, named alike
+    try:  # the flags of `alpaca.py generate` are llama.generate's arguments, named alike
         out = llama.generate(params, np.array([ids], np.int32), mc, temperature=temperature, top_p=top_p,
                              max_new_tokens=min(max_new_tokens, mc.max_position_embeddings - len(ids)),
                              key=jax.random.PRNGKey(seed), eos_token_id=sp.eos_id())
@@ -1205,32 +1154,28 @@ def generate_main(argv):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="Hugging Face model directory or Hub repo id")
     p.add_argument("--instruction", required=True)
-    p.add_argument("--input", default="", help="optional context for the instruction")
+    p.add_argument("--input", dest="input_text", metavar="INPUT", default="",
+                   help="optional context for the instruction")
     p.add_argument("--max_new_tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: keep this much probability")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    print(respond(a.model, a.instruction, a.input, max_new_tokens=a.max_new_tokens,
-                  temperature=a.temperature, top_p=a.top_p, seed=a.seed))
+    print(respond(**vars(p.parse_args(argv))))  # the flags are respond's arguments
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 11. main, and --dry_run
+# --- 11. main, and --dry_run ------------------------------------------------------------------------------
 
 
 def compile_step(c, mc, lc, mesh, rows, micro_batches):
-    """The train step of these flags compiled for the devices of `mesh` (compile-only ones too: a TPU or GPU
-    that is not here) and a step of rows x --seq_len, from shapes alone: no weight is read or allocated."""
+    """The train step of these flags, compiled for `mesh` (compile-only devices too) from shapes alone."""
     state = sharding.abstract_state(mc, mesh, jnp.dtype(c.param_dtype), lc)
     step = make_step(c, mc, lc, mesh, 1, micro_batches)  # the schedule's length changes no buffer
     return step.lower(state, abstract_batch(mesh, rows, c.seq_len)).compile()
 
 
 def dry_run(c):
-    """--dry_run: the data plan and what one device holds at the peak of a step: XLA's figure for the train
-    step compiled for the devices here, from shapes alone. For a person on stderr, one JSON line on stdout."""
+    """--dry_run: the data plan, and XLA's figure for what one device here holds at the peak of a step."""
     check_flags(c)
     _, mc, lc = model_config(c, weights=False)
     mesh = mesh_for(c, mc, lc)
