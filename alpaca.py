@@ -32,7 +32,7 @@ import traceback
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import jax
@@ -132,8 +132,7 @@ def input_error(what):
         raise InputError(f"{what}: {e}")
 
 
-# The README's first command: a real (tiny) pretrained Llama fine-tuned on 2,000 real Alpaca records, both
-# in tests/assets/, in float32: the same run on any machine.
+# The README's first command: a real tiny Llama on 2,000 real Alpaca records (tests/assets/), in float32.
 PRESETS = {"demo": dict(model="tests/assets/stories260K", data="tests/assets/alpaca/alpaca_sample_2000.json",
                         seq_len=512, max_len=512, batch_size=32, steps=60, lr=1e-3, warmup_ratio=0.05,
                         compute_dtype="float32", hf_dtype="float32", out="runs/demo", log_every=5,
@@ -253,13 +252,12 @@ def make_step(c, mc, lc, mesh, steps, micro_batches):
 
 @contextmanager
 def own_out(run):
-    """Take --out: process 0 locks OUT/.lock while it lives, refusing a second run; every process must see
-    what it wrote there. Then process 0 deletes what crashes left: uncommitted and damaged checkpoints."""
+    """Take --out: lock out a second run, check that every process sees it, delete what crashes left."""
     out, lock, fd, owner = run.c.out, os.path.join(run.c.out, ".lock"), None, ""
     token = from_process_0(int.from_bytes(os.urandom(3), "little"))
     if main_process():
         os.makedirs(out, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)  # held while process 0 lives
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the kernel drops it however the process ends
         except OSError as e:
@@ -373,15 +371,14 @@ PEAK_TFLOPS = {"TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e":
 
 
 def open_logs(run):
-    """The loop's log book: metrics.jsonl cut back to the checkpoint (a line cut short has no newline; damaged
-    lines are dropped, named: the log never stops a run), wandb if asked, the counters of the window."""
+    """The log book: metrics.jsonl cut back to the checkpoint, wandb if asked, the window's counters."""
     c, path, kept, damaged = run.c, os.path.join(run.c.out, "metrics.jsonl"), [], []
     if main_process() and os.path.exists(path):
         with open(path, errors="replace") as fh:
-            for n, line in enumerate(fh, 1):
+            for n, line in enumerate(fh, 1):  # a line cut short by a kill has no newline: dropped
                 try:
                     kept += [line] if json.loads(line)["step"] <= run.start and line.endswith("\n") else []
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # damaged: named, dropped; never fatal
                     damaged += [n] if line.endswith("\n") else []
         if damaged:
             say(f"warning: {path}: line(s) {damaged[:10]} are not a step's JSON record; dropped")
@@ -427,8 +424,7 @@ def log_step(run, logs, k, m):
 
 
 def finish(run, state):
-    """The final export; then process 0 alone uploads it to --hf_upload (token: HF_TOKEN or `hf auth login`;
-    a failure keeps it: exit 3) and answers --sample_instruction with it. Returns the exit status."""
+    """The final export; then process 0 alone uploads it and answers --sample_instruction. Exit status."""
     c, final, status = run.c, os.path.join(run.exports, "final"), 0
     export_hf(run, state, final)
     if jax.process_count() > 1:
@@ -496,8 +492,7 @@ def lora_targets(c):
 
 
 def model_config(c, weights=True):
-    """(model directory, LlamaConfig, LoraConfig or None), checked against the flags. weights=False
-    (--dry_run, the planner) reads config.json alone; weights=True also checks the safetensors headers."""
+    """(model directory, LlamaConfig, LoraConfig or None), checked; weights=False reads config.json alone."""
     with input_error(f"--model {c.model}"):
         model_dir = llama.resolve_model_path(c.model, allow_patterns=None if weights else ["config.json"])
         mc = llama.check_checkpoint(model_dir)[0] if weights else llama.read_config(model_dir)
@@ -717,10 +712,9 @@ def load_tokenizer(path):
 # prompt is at inference, and the output as its continuation, without SentencePiece's dummy-prefix "▁" on
 # its first word. Wherever no token straddles the boundary this equals Stanford's ids token for token.
 # SentencePiece has no per-call switch for the dummy prefix, so the outputs are encoded by a copy of the
-# model with normalizer_spec.add_dummy_prefix = false, edited in the serialized protobuf: a parser merges a
-# message field given twice, so ModelProto's field 3 (normalizer_spec) appended again, holding only its own
-# field 3 (add_dummy_prefix) = false, is that edit. Bytes: 0x1a (field 3, length-delimited), length 2, 0x18
-# (field 3, varint), 0x00.
+# model with normalizer_spec.add_dummy_prefix = false, edited in the serialized protobuf. A parser merges a
+# message field given twice, so we append ModelProto's field 3 (normalizer_spec) holding only its field 3
+# (add_dummy_prefix) = 0: tag 0x1a (3, length-delimited), length 2, tag 0x18 (3, varint), 0x00.
 NO_DUMMY_PREFIX = b"\x1a\x02\x18\x00"
 CACHE_VERSION = 1  # of tokenize_records' output, in tokenize_cached's key: bump it when that changes
 
@@ -791,7 +785,6 @@ def tokenize_cached(records, sp, max_len, cache_dir):
 # split, and each is used once per epoch; the last step of an epoch may be part empty. The plan of a whole
 # run takes well under a second, so the batch of step k is a pure function of (seed, k, data): a resumed run
 # needs no replay. (Measured packing efficiency: the README's "Data and packing".)
-
 LOOKAHEAD = 512
 
 
@@ -891,8 +884,8 @@ def abstract_batch(mesh, rows, seq_len):
 
 
 def host_batch(examples, plan, batch_sharding, step):
-    """The batch of `step` as global jax.Arrays, of which this process builds its devices' rows alone: several
-    spans where the mesh interleaves hosts (jax.make_mesh follows a pod's torus, not its hosts)."""
+    """The batch of `step` as global jax.Arrays, this process building its devices' rows alone: several spans
+    where the mesh interleaves hosts (jax.make_mesh follows a pod's torus, not its hosts)."""
     R, T = plan["rows_per_step"], plan["seq_len"]
     held = batch_sharding.addressable_devices_indices_map((R, T)).values()
     parts = [make_batch(examples, plan, step, span) for span in sorted({i[0].indices(R)[:2] for i in held})]
@@ -944,14 +937,12 @@ def from_process_0(value):
 
 
 # --- 9. Checkpoints (README: "Checkpoints") ---------------------------------------------------------------
-# OUT/checkpoints/step_N/ holds each process's slices of the state (tensor NAME@START) and meta.json, the
-# commit marker, written last. Any device layout reads any of them.
+# OUT/checkpoints/step_N/: each process's slices (llama.local_slices); meta.json, the commit marker, last.
 
 
 class Checkpointer:
-    """The loop's checkpoints, one write at a time: save() copies this process's slices to host memory (all
-    the step waits for) and writes them in a worker thread; poll(), at every step on every process, shares
-    the stop signals and the write's state, and commits it once it has finished everywhere."""
+    """The loop's checkpoints, one at a time: save() copies the slices to host memory and writes them in a
+    thread; poll(), every step on every process, shares stop signals and commits a write done everywhere."""
 
     def __init__(self, out, meta, keep):
         self.out, self.meta, self.keep = out, meta, keep
@@ -960,12 +951,7 @@ class Checkpointer:
 
     def save(self, step, state, wait=False):
         self.poll(wait=True)  # the write before, committed
-        slices = {}
-        for name, arr in llama.named_leaves(state):
-            for shard in arr.addressable_shards:  # a slice on several devices (replicated) is written once
-                start = ",".join(str(s.indices(n)[0]) for s, n in zip(shard.index, arr.shape))
-                slices.setdefault(f"{name}@{start}", shard.data).copy_to_host_async()
-        slices = {k: np.array(v) for k, v in slices.items()}  # copies: the step to come donates the buffers
+        slices = llama.local_slices(state)  # in host memory: the step to come donates the state's buffers
         self.pending = step, self.worker.submit(self._write, step, slices)
         say(f"checkpoint {checkpoint_dir(self.out, step)}{'' if wait else ' (writing in the background)'}")
         if wait:
@@ -1029,8 +1015,7 @@ def remove_uncommitted(out, but=-1):
 
 
 def resume_point(out):
-    """(step, meta.json, damaged steps) as process 0 sees OUT: the newest committed checkpoint whose files are
-    whole, (0, None) if none, and the newer, damaged ones, skipped with a warning; all damaged: stop."""
+    """(step, meta.json, damaged newer steps): the newest whole committed checkpoint, as process 0 sees."""
     step, meta, damaged = 0, None, []
     for s in reversed(list_checkpoints(out)) if main_process() else []:
         file = os.path.join(checkpoint_dir(out, s), "meta.json")
@@ -1063,40 +1048,12 @@ def resume_point(out):
 
 
 def load_checkpoint(out, step, like):
-    """The state saved at `step`, shaped and sharded like `like` (ShapeDtypeStructs), whatever layout wrote
-    it: each slice a device here needs is assembled from the saved slices it overlaps, memory-mapped."""
-    directory, saved = checkpoint_dir(out, step), {}
-    with ExitStack() as files:
-        for file in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
-            f = files.enter_context(safe_open(os.path.join(directory, file), framework="numpy"))
-            for key in f.keys():
-                name, _, start = key.rpartition("@")
-                saved.setdefault(name, {}).setdefault(start, f.get_slice(key))  # a replicated slice: once
-
-        def read(name, leaf, index):
-            lo = [s.indices(n)[0] for s, n in zip(index, leaf.shape)]
-            hi = [s.indices(n)[1] for s, n in zip(index, leaf.shape)]
-            local, filled = np.empty([b - a for a, b in zip(lo, hi)], leaf.dtype), 0
-            for start, sl in saved.get(name, {}).items():
-                start = [int(x) for x in start.split(",") if x]
-                a = [max(x, s) for x, s in zip(lo, start)]
-                b = [min(x, s + n) for x, s, n in zip(hi, start, sl.get_shape())]
-                if all(x < y for x, y in zip(a, b)):  # the saved slice overlaps this one
-                    part = sl[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
-                    local[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = part
-                    filled += math.prod(y - x for x, y in zip(a, b))
-            if filled != local.size:
-                raise InputError(f"{directory}: the saved slices of {name} do not cover [{lo}, {hi})")
-            return local
-
-        leaves = [jax.make_array_from_callback(x.shape, x.sharding, functools.partial(read, name, x))
-                  for name, x in llama.named_leaves(like)]
-    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+    """The state saved at `step`, shaped and sharded like `like`, whatever device layout wrote it."""
+    return llama.load_slices(checkpoint_dir(out, step), like)
 
 
 # --- 10. Hugging Face export, upload and generation (README: "Export") ------------------------------------
-# The export's chat template renders Stanford's prompt: the last "user" message is the instruction, an
-# "input" message (optional) the input.
+# The chat template renders Stanford's prompt: the last "user" message as the instruction, "input" the input.
 
 JINJA_FIELDS = {"instruction": "{{ ns.instruction }}", "input": "{{ ns.input }}"}
 CHAT_TEMPLATE = ("{%- set ns = namespace(instruction='', input='') -%}{%- for m in messages -%}"
@@ -1107,8 +1064,7 @@ CHAT_TEMPLATE = ("{%- set ns = namespace(instruction='', input='') -%}{%- for m 
 
 
 def export_hf(run, state, path):
-    """Every process calls this (the gathers are collectives); process 0 writes. With LoRA, `path` gets the
-    merged model (a plain Llama), `path`-adapter the PEFT adapter on --model (a local one: absolute path)."""
+    """Every process gathers, process 0 writes. LoRA: the merged model, and `path`-adapter for PEFT."""
     c, mc, lc = run.c, run.mc, run.lc
     weights, adapters = (state["frozen"], state["trained"]) if lc else (state["trained"], None)
     with input_error("tokenizer"):
@@ -1203,7 +1159,7 @@ def main(argv=None):
         init_distributed()
         out = c.out
         return train(c)
-    except InputError as e:
+    except (InputError, llama.CheckpointError) as e:  # a file we cannot read faithfully names itself
         status, message = 2, str(e)
     except Stopped as e:
         status, message = 1, str(e)

@@ -8,9 +8,9 @@ Read top to bottom:
      shards inside the scan without this file knowing about devices.
   4. The loss (summed cross-entropy, number of loss tokens) and the FLOPs of training, for MFU.
   5. Generation with a KV cache.
-  6. Hugging Face safetensors in (streamed, optionally straight into a sharding; damage is an error naming
-     the file) and out (with the tokenizer, config.json last as the commit marker; LoRA merged, or PEFT);
-     the SentencePiece tokenizer. benchmarks/compare.py checks our logits against transformers'.
+  6. Hugging Face checkpoints and tokenizer in (streamed, optionally straight into a sharding; damage
+     names the file) and out (config.json last, the commit marker; LoRA merged, or PEFT's adapter).
+  7. The training state's slices in safetensors, which any device layout reads back.
 
 Shape letters: B batch, T time (queries), S time (keys), D model width, H query heads, K kv heads,
 G = H / K query heads per kv head, E head dim, F MLP width, V vocab, L layers, r LoRA rank.
@@ -64,8 +64,7 @@ class LlamaConfig:  # field names as in Hugging Face's config.json
 
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "LlamaConfig":
-        """Read a transformers config dict (4.x or 5.x layout). Anything we would silently compute
-        differently is an error naming the field."""
+        """A transformers config dict (4.x or 5.x); what we would compute otherwise is an error."""
 
         def fail(field, value, why):
             raise CheckpointError(f"{source}: {field}={value!r} is not supported ({why})")
@@ -134,8 +133,7 @@ TOP_NAMES = {
 
 
 def path_name(path) -> str:
-    """The name of a parameter from its pytree path: "layers/wq", "embed". PARTITION_RULES (sharding.py),
-    checkpoints and error messages all use these names."""
+    """A parameter's name from its pytree path ("layers/wq", "embed"), as sharding.py and errors say."""
     return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
@@ -167,10 +165,9 @@ def init_params(mc: LlamaConfig, key, dtype=jnp.float32, std: float = 0.02) -> d
     return jax.tree.unflatten(jax.tree.structure(shapes, is_leaf=lambda s: isinstance(s, tuple)), out)
 
 
-# LoRA (Hu et al. 2021): a frozen matrix W [in, out] gets a trainable low-rank update, x W + s (x A) B with
-# A [in, r], B [r, out] and s = alpha / r. The adapters of the targeted matrices live in their own tree,
-# stacked like the layers: {"layers": {"wq": {"a": [L, D, r], "b": [L, r, H*E]}, ...}}. Training never
-# forms the update as an [in, out] matrix (a full-size product, differentiated); merging is for export.
+# LoRA (Hu et al. 2021): a frozen W [in, out] gets a trainable update, x W + s (x A) B, A [in, r], B [r, out],
+# s = alpha / r, in a tree stacked like the layers: {"layers": {"wq": {"a": [L, D, r], "b": [L, r, H*E]}}}.
+# Training never forms the update as an [in, out] matrix (a full-size product, differentiated); export does.
 LORA_TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w_gate", "up": "w_up", "down": "w_down"}
 
 
@@ -241,10 +238,9 @@ def apply_rope(x, cos, sin):
 
 
 def attention(q, k, v, mask, causal: bool):
-    """Grouped-query attention. q [B, T, K, G, E]; k, v [B, S, K, E]; mask [B, T, S]. Query head h = k*G + g
-    uses kv head k (HF's repeat_kv order). Scores and softmax in float32. When causal (S == T), query block
-    [lo, hi) only scores keys [0, hi): the blocks above the diagonal are skipped, ~2.5x faster on CPU, where
-    the [B, K, G, T, S] scores dominate. Blocks of 64, or T/16 for long rows (compile time grows with their
+    """Grouped-query attention: q [B, T, K, G, E]; k, v [B, S, K, E]; mask [B, T, S]; query head h = k*G + g
+    uses kv head k (HF's repeat_kv order); float32 scores. Causal (S == T): query block [lo, hi) scores keys
+    [0, hi) alone, ~2.5x faster on CPU. Blocks of 64, or T/16 for long rows (compile time grows with their
     number). Other packed examples' blocks are still computed (skipping them needs a flash backward)."""
     T, S, E = q.shape[1], k.shape[1], q.shape[-1]
     block = max(64, T // 16) if causal else T
@@ -261,9 +257,8 @@ def attention(q, k, v, mask, causal: bool):
 
 def decoder_layer(x, w, cos, sin, mask, mc: LlamaConfig, dtype, kv=None, index=None, lora=None,
                   lora_scale=1.0):
-    """One pre-norm decoder layer. x [B, T, D] float32 (the residual stream stays float32); matmuls in
-    `dtype`. With a KV cache kv = {"k", "v": [B, S, K, E]}, the new keys/values are written at `index`,
-    attention runs over the whole cache, and the new cache is returned. lora: this layer's adapters."""
+    """One pre-norm layer on the float32 residual stream x [B, T, D], matmuls in `dtype`. With a KV
+    cache kv {"k", "v": [B, S, K, E]}, new keys and values go in at `index`; attention reads it all."""
     B, T, _ = x.shape
     K, E = mc.num_key_value_heads, mc.head_dim
     G = mc.num_attention_heads // K
@@ -300,9 +295,8 @@ def unembed(params, h, mc: LlamaConfig, dtype):
 def forward(params, tokens, mc: LlamaConfig, *, positions=None, segment_ids=None, compute_dtype=None,
             layer_hook: Callable | None = None, remat: bool = False, lora=None, lora_scale: float = 1.0):
     """Logits [B, T, V] float32 for int32 tokens [B, T]. positions restart at 0 for each example packed into
-    a row; segment_ids (1, 2, ... per example, 0 for padding) keep packed examples from attending to each
-    other. compute_dtype None computes in the parameters' dtype (float32 for parity checks). lora: an
-    adapter tree (init_lora's layout) applied with scale lora_scale (LoraConfig.scale = alpha / r)."""
+    a row; segment_ids (1, 2, ... per example, 0 for padding) keep packed examples apart. compute_dtype
+    None: the parameters'. lora: init_lora's tree, applied with scale lora_scale (LoraConfig.scale)."""
     B, T = tokens.shape
     dtype = jnp.dtype(compute_dtype) if compute_dtype is not None else params["layers"]["wq"].dtype
     if positions is None:
@@ -344,8 +338,7 @@ def cross_entropy(logits, targets, loss_mask):
 
 def loss_fn(params, batch, mc: LlamaConfig, *, compute_dtype=None, layer_hook=None, remat=False, lora=None,
             lora_scale: float = 1.0):
-    """batch: tokens, targets, loss_mask, segment_ids, positions, each [B, T]. targets[b, t] is the token
-    that position t predicts; loss_mask says which of those predictions count."""
+    """batch: tokens, targets (what each position predicts), loss_mask (which count)... each [B, T]."""
     logits = forward(params, batch["tokens"], mc, positions=batch["positions"],
                      segment_ids=batch["segment_ids"], compute_dtype=compute_dtype, layer_hook=layer_hook,
                      remat=remat, lora=lora, lora_scale=lora_scale)
@@ -378,9 +371,8 @@ def train_flops(mc: LlamaConfig, example_lengths, frozen_weights: bool = False) 
 
 def generate(params, prompt, mc: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, key=None, eos_token_id: int | None = None, compute_dtype=None):
-    """Continue prompts (int32 [B, T0], same length) by up to max_new_tokens tokens. Returns int32
-    [B, max_new_tokens]; after a sequence's EOS the rest is filled with EOS (ValueError for arguments out of
-    range). The prompt runs once (prefill), then each token is one position."""
+    """Continue prompts int32 [B, T0] by int32 [B, max_new_tokens] (EOS after a sequence's EOS): the
+    prompt runs once (prefill), then a position per token. Arguments out of range: ValueError."""
     prompt = jnp.asarray(prompt, jnp.int32)
     prompt = prompt[None] if prompt.ndim == 1 else prompt
     if max_new_tokens < 1:
@@ -433,8 +425,7 @@ def _generate(params, prompt, key, mc, max_new, temperature, top_p, eos, dtype):
 
 
 def sample_token(logits, key, temperature, top_p):
-    """Greedy when temperature == 0; else nucleus sampling: keep the smallest set of tokens whose
-    probability reaches top_p, renormalise, sample."""
+    """Greedy at temperature 0; else nucleus: sample among the fewest tokens whose probability is top_p."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -453,8 +444,7 @@ IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old Llama conversions store RoPE f
 
 
 def resolve_model_path(path_or_repo_id: str, allow_patterns=None) -> str:
-    """A local directory as is; otherwise a Hub repo id, downloaded (only the files we read) into the HF
-    cache. The token comes from huggingface_hub's usual sources (HF_TOKEN, `hf auth login`)."""
+    """A local directory as is; else a Hub repo id, the files we read downloaded into the HF cache."""
     name = path_or_repo_id
     if os.path.isdir(name):
         return name
@@ -531,9 +521,8 @@ def _expected_tensors(mc: LlamaConfig) -> dict[str, tuple]:
 
 
 def check_checkpoint(path: str):
-    """Read config.json and the safetensors headers of a local checkpoint directory, and check that the
-    tensors are exactly those of the config, with the right shapes. Cheap (no tensor is read), so a
-    training run calls it before doing anything else. Returns (config, {HF name: file}, expected)."""
+    """(config, {HF name: file}, expected), checking from the safetensors headers that a local checkpoint's
+    tensors are exactly its config's. Cheap (no tensor is read): a run calls it before anything else."""
     mc = read_config(path)
     index_file, single = (os.path.join(path, f"model.safetensors{x}") for x in (".index.json", ""))
     if os.path.exists(index_file):  # sharded: the index maps tensor names to files
@@ -570,10 +559,8 @@ def check_checkpoint(path: str):
 
 
 def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
-    """(config, params) from a Hugging Face Llama checkpoint (a local directory or a Hub repo id), streamed
-    tensor by tensor from memory-mapped safetensors. With `shardings` (a pytree like the params of
-    jax.sharding.Sharding) every device receives only its own slice, read with get_slice, so host memory
-    never holds a second copy of the model."""
+    """(config, params) of a Hugging Face Llama (a directory or Hub repo id), streamed from safetensors.
+    With `shardings` (a pytree like the params) every device reads its own slice: no second copy on host."""
     path = resolve_model_path(path_or_repo_id)
     mc, where, expected = check_checkpoint(path)
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -607,8 +594,7 @@ def load_hf(path_or_repo_id: str, *, dtype=jnp.float32, shardings=None):
 
 
 def weights_fingerprint(path: str) -> str:
-    """A fingerprint of a local checkpoint's weights, cheap at any size (names, shapes, dtypes, 16 rows of
-    each tensor): a LoRA checkpoint holds only adapters; this tells whether a resume has their base."""
+    """A cheap fingerprint of a checkpoint's weights (names, shapes, 16 rows each): LoRA resumes' base."""
     _, where, expected = check_checkpoint(path)
     h = hashlib.sha256()
     for name in sorted(expected):
@@ -631,8 +617,7 @@ _take_layer = jax.jit(functools.partial(jax.lax.dynamic_index_in_dim, keepdims=F
 
 
 def hf_tensors(mc: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
-    """Yield (HF name, numpy array in HF orientation) in _expected_tensors' order, adapters merged on the
-    host. Several processes gather a stack one layer at a time: no device holds a whole stack or model."""
+    """(HF name, numpy array as HF lays it out), adapters merged; processes gather a layer at a time."""
     for ours, (hf, t) in TOP_NAMES.items():
         if ours in params:
             a = _to_host(params[ours])
@@ -651,10 +636,9 @@ def hf_tensors(mc: LlamaConfig, params, lora=None, lora_scale: float = 1.0):
 def save_hf(path: str, mc: LlamaConfig, params, *, dtype=jnp.float32, max_shard_bytes: int = 2 * 1024**3,
             tokenizer: str | None = None, chat_template: str | None = None, lora=None,
             lora_scale: float = 1.0) -> str:
-    """Write a directory that transformers loads: config.json (the commit marker: _write_dir), safetensors
-    (sharded above max_shard_bytes, named as HF does), generation_config.json and the SentencePiece
-    `tokenizer` file's tokenizer_files. With `lora`, the adapted matrices are merged (W + lora_scale A B): a
-    plain Llama. Every process must call this; host memory holds one shard."""
+    """Write a directory that transformers loads: config.json (the commit marker), safetensors (shards
+    named as HF does), generation_config.json, the `tokenizer`'s files; `lora` merged (W + lora_scale A B).
+    Every process calls this; host memory holds one shard."""
     np_dtype = np.dtype(jnp.dtype(dtype))
     # Plan the shards from the shapes, so that file names can say "of n" before any tensor is gathered.
     sizes = {name: math.prod(shape) * np_dtype.itemsize for name, shape in _expected_tensors(mc).items()}
@@ -726,11 +710,9 @@ def replaced(path: str, unique: bool = False):
 
 
 def _write_dir(path, marker, content, files, stale=lambda f: False):
-    """Write the directory `path`: `files`, (name, write(file)) pairs, and the JSON `marker` that says it is
-    complete. All are written under temporary names first; only then are the old marker and the stale files
-    of a previous write removed and the files renamed, the marker last: a failure leaves a previous
-    directory untouched, a crash while renaming no marker. Every process iterates `files` (their gathers are
-    collectives); process 0 writes."""
+    """Write the directory `path`: `files`, (name, write(file)) pairs, under temporary names; then the old
+    marker and stale files go and all are renamed, the JSON `marker` last: a failure leaves a previous
+    directory whole. Every process iterates `files` (gathers are collectives); process 0 writes."""
     writer, path = jax.process_index() == 0, os.path.abspath(path)
     if writer:
         os.makedirs(path, exist_ok=True)
@@ -753,18 +735,9 @@ def _write_dir(path, marker, content, files, stale=lambda f: False):
 PEFT_PREFIX = "base_model.model.model.layers"
 
 
-def peft_config(lc: LoraConfig, base_model: str) -> dict:
-    modules = [LAYER_NAMES[w][0].split(".")[1] for t, w in LORA_TARGETS.items() if t in lc.targets]  # q_proj
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-            "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-            "modules_to_save": None, "target_modules": modules}
-
-
 def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: str,
               tokenizer: str | None = None, chat_template: str | None = None) -> str:
-    """Write what peft.PeftModel.from_pretrained(base, path) loads: adapter_model.safetensors (float32), the
-    tokenizer if given, and adapter_config.json, read first: the commit marker. Every process calls this."""
+    """What peft.PeftModel.from_pretrained(base, path) loads; adapter_config.json, the marker, goes last."""
     tensors = {}
     for ours, adapter in lora["layers"].items():
         a, b = _to_host(adapter["a"]), _to_host(adapter["b"])
@@ -774,4 +747,54 @@ def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: s
             tensors[f"{PEFT_PREFIX}.{i}.{module}.lora_B.weight"] = np.ascontiguousarray(b[i].T, np.float32)
     files = [("adapter_model.safetensors", functools.partial(save_file, tensors, metadata={"format": "pt"}))]
     files += tokenizer_files(mc, tokenizer, chat_template) if tokenizer else []
-    return _write_dir(path, "adapter_config.json", peft_config(lc, base_model), files)
+    modules = [LAYER_NAMES[w][0].split(".")[1] for t, w in LORA_TARGETS.items() if t in lc.targets]  # q_proj
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+              "r": lc.rank, "lora_alpha": lc.alpha, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+              "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+              "modules_to_save": None, "target_modules": modules}
+    return _write_dir(path, "adapter_config.json", config, files)
+
+
+# --- 7. The training state in safetensors, for any device layout ------------------------------------------
+# Each process saves its devices' slices of a pytree of jax.Arrays, a tensor NAME@START each (START: the
+# slice's first index on each axis). Any layout reads them back, each slice from the saved ones it overlaps.
+
+
+def local_slices(tree) -> dict:
+    """{NAME@START: numpy array}: this process's slices of `tree` (a replicated one once), on the host."""
+    slices = {}
+    for name, arr in named_leaves(tree):
+        for shard in arr.addressable_shards:
+            start = ",".join(str(s.indices(n)[0]) for s, n in zip(shard.index, arr.shape))
+            slices.setdefault(f"{name}@{start}", shard.data).copy_to_host_async()
+    return {k: np.array(v) for k, v in slices.items()}  # copies: the caller may donate the buffers
+
+
+def load_slices(directory: str, like):
+    """A pytree shaped and sharded like `like`, from the local_slices in `directory`'s files."""
+    saved = {}
+    with contextlib.ExitStack() as files:
+        for file in sorted(f for f in os.listdir(directory) if f.endswith(".safetensors")):
+            f = files.enter_context(safe_open(os.path.join(directory, file), framework="numpy"))
+            for key in f.keys():
+                name, _, start = key.rpartition("@")
+                saved.setdefault(name, {}).setdefault(start, f.get_slice(key))  # a replicated slice: once
+
+        def read(name, leaf, index):
+            lo, hi = ([s.indices(n)[j] for s, n in zip(index, leaf.shape)] for j in (0, 1))  # per axis
+            local, filled = np.empty([b - a for a, b in zip(lo, hi)], leaf.dtype), 0
+            for start, sl in saved.get(name, {}).items():
+                start = [int(x) for x in start.split(",") if x]
+                a = [max(x, s) for x, s in zip(lo, start)]
+                b = [min(x, s + n) for x, s, n in zip(hi, start, sl.get_shape())]
+                if all(x < y for x, y in zip(a, b)):  # the saved slice overlaps this one
+                    part = sl[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
+                    local[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = part
+                    filled += math.prod(y - x for x, y in zip(a, b))
+            if filled != local.size:
+                raise CheckpointError(f"{directory}: the saved slices of {name} do not cover [{lo}, {hi})")
+            return local
+
+        leaves = [jax.make_array_from_callback(x.shape, x.sharding, functools.partial(read, name, x))
+                  for name, x in named_leaves(like)]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
