@@ -265,14 +265,17 @@ def own_out(run):
                 owner = os.read(fd, 200).decode(errors="replace") or "?"
             else:  # a filesystem without locks
                 say(f"warning: {lock}: no lock ({e.strerror}): a second run would not be refused")
-        if not owner:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} "
-                         f"({token})".encode())
     try:
         if from_process_0(bool(owner)):
             raise InputError(f"--out {out} is in use by another run ({owner or 'see process 0'}). Wait for "
                              "it to end or stop it, or choose another --out")
+        if main_process():  # the claim: what a second run names, and what every process must see here
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"host {os.uname().nodename}, pid {os.getpid()}, since {time.ctime()} "
+                             f"({token})".encode())
+            except OSError as e:  # a full disk: os.write's error names no file
+                raise OSError(e.errno, e.strerror, lock) from e
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("out-claimed")
             for _ in range(10):  # network filesystems may lag
@@ -283,8 +286,7 @@ def own_out(run):
             blind = [i for i, (ok,) in enumerate(all_processes(seen)) if not ok]
             if blind:
                 raise InputError(f"--out {out}: process(es) {blind} do not see what process 0 wrote there. "
-                                 "With several hosts, --out must be a directory they all share (NFS, GCS "
-                                 "FUSE, ...)")
+                                 "--out must be one directory that all hosts share (NFS, GCS FUSE, ...)")
         if main_process():
             for s in run.damaged:  # skipped by preflight; remove_uncommitted deletes the rest
                 os.remove(os.path.join(checkpoint_dir(out, s), "meta.json"))
@@ -303,8 +305,9 @@ def restore_or_load(run):
     """The training state: what is trained and its AdamW state from the checkpoint, the rest from --model."""
     c, steps = run.c, run.plan["steps"]
     like = sharding.abstract_state(run.mc, run.mesh, jnp.dtype(c.param_dtype), run.lc)
-    saved = load_checkpoint(c.out, run.start, {k: like[k] for k in SAVED}) if run.start else {}
+    saved = {}
     if run.start:
+        saved = llama.load_slices(checkpoint_dir(c.out, run.start), {k: like[k] for k in SAVED})
         say(f"resuming from {checkpoint_dir(c.out, run.start)} (step {run.start} of {steps}, written by "
             f"{run.resumed['processes']} process(es) x {run.resumed['devices']} devices)")
     if run.start >= steps:
@@ -605,7 +608,7 @@ def check_resumable(resumed, c, meta, where):
 # --- 4. Records: {instruction, input, output} from a .json list, a .jsonl file or an http(s) URL ----------
 
 
-def load_records(source, cache_dir=".cache", shown=None):
+def load_records(source, cache_dir=".cache", shown=None, jsonl=None):
     """Alpaca records of a file or URL (`shown`: its name in errors); a missing or null `input` is ""."""
     if source.startswith(("http://", "https://")):
         return download_records(source, cache_dir)
@@ -613,7 +616,7 @@ def load_records(source, cache_dir=".cache", shown=None):
         raise InputError(f"--data {source}: a directory, not a data file (a .json or .jsonl file of records)")
     if not os.path.isfile(source):
         raise InputError(f"--data {source}: no such file")
-    shown, rows, jsonl = shown or source, [], source.endswith(".jsonl")
+    shown, rows, jsonl = shown or source, [], source.endswith(".jsonl") if jsonl is None else jsonl
     try:
         with open(source, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark, as Windows editors write
             if jsonl:
@@ -678,7 +681,8 @@ def download_records(url, cache_dir):
                 raise InputError(f"--data {url}: the downloaded file ({size} bytes) has git blob id "
                                  f"{git_blob_id(tmp)}, not the pinned {PINNED_DOWNLOADS[url]}: not the file "
                                  "this URL should serve")
-            return load_records(tmp, shown=f"--data {url}: the download is not Alpaca data: {url}")
+            return load_records(tmp, shown=f"--data {url}: the download is not Alpaca data: {url}",
+                                jsonl=ext == ".jsonl")  # not tmp's name: it ends in .partial
     except InputError:
         raise
     except Exception as e:  # HTTP errors, resets, timeouts: all mean "no data from here"
@@ -1045,11 +1049,6 @@ def resume_point(out):
         with open(os.path.join(checkpoint_dir(out, step), "meta.json")) as fh:
             meta = json.load(fh)
     return step, meta, [s for s, _ in damaged]
-
-
-def load_checkpoint(out, step, like):
-    """The state saved at `step`, shaped and sharded like `like`, whatever device layout wrote it."""
-    return llama.load_slices(checkpoint_dir(out, step), like)
 
 
 # --- 10. Hugging Face export, upload and generation (README: "Export") ------------------------------------

@@ -476,7 +476,9 @@ class _Server:
         import http.server
         import threading
         body = open(SAMPLE, "rb").read()
+        lines = "".join(json.dumps(r) + "\n" for r in json.loads(body)).encode()
         self.files = {"/sample.json": (body, len(body)), "/cut.json": (body[:len(body) // 2], len(body)),
+                      "/sample.jsonl": (lines, len(lines)),
                       "/other.json": (b"[]", 2), "/page.json": (b"<html>Not found</html>", 22)}
         self.requests = {}
         server = self
@@ -520,6 +522,8 @@ def test_url_data_is_downloaded_once_then_read_from_the_cache(server, records, t
     assert alpaca.load_records(url, str(tmp_path)) == records
     assert server.requests[url[len(server.url):]] == 1
     assert len(cached_files(tmp_path)) == 1 and cached_files(tmp_path)[0].endswith(".json")
+    # A .jsonl URL is read as JSON lines (its download's temporary name ends in .partial, not .jsonl).
+    assert alpaca.load_records(server.url + "/sample.jsonl", str(tmp_path)) == records
 
 
 @pytest.mark.parametrize("path,message", [
