@@ -406,7 +406,8 @@ def format_memory_plan(p):
              "batch_and_step_count": "batch and step count", "gradients": "gradients (float32 shards)",
              "activations_and_other_temporaries": "activations, gathered weights, other temporaries",
              "outputs_not_aliased": "outputs not aliased to inputs"}
-    where = f"{p['target']} ({p['devices']} devices)" if p["target"] else f"{p['devices']} devices"
+    devices = f"{p['devices']} device{'s' if p['devices'] > 1 else ''}"
+    where = f"{p['target']} ({devices})" if p["target"] else devices
     lines = [f"memory per device at the peak of a step: {where}, {p['rows']} rows x {p['seq_len']} tokens, "
              f"{p['micro_batches']} micro-batch(es); compiler: {p['compiler']}"]
     if p.get("refused"):
@@ -424,10 +425,13 @@ def format_memory_plan(p):
             at = 0.95 * p["gpu_memory_bytes"] / 1e9
             lines.append(f"  with XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 ({at:.2f} GB): "
                          f"{'fits' if p['fits_at_mem_fraction_0.95'] else 'does NOT fit'}")
+        if any("lora_rank" in f["changes"] for f in p.get("fixes", [])):  # tried only where nothing else fits
+            lines.append("  no full fine-tune fits these devices, at any micro-batch count or row length "
+                         "tried")
         for f in p.get("fixes", []):
             lora = " (LoRA wants an --lr like 3e-4)" if "lora_rank" in f["changes"] else ""
             lines.append(f"  fits with {f['flags']}: {f['total'] / 1e9:.2f} GB per device on "
-                         f"{f['devices']} devices{lora}")
+                         f"{f['devices']} device{'s' if f['devices'] > 1 else ''}{lora}")
         if not p["fits"] and not p.get("fixes"):
             lines.append("  no micro-batch, row length, LoRA or device count tried fits: a bigger machine, "
                          "or a smaller model")
@@ -448,8 +452,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(
         prog="memory_plan.py", description=__doc__.split("\n\n")[0], add_help=True,
         epilog="Every other flag is alpaca.py's (python alpaca.py --help): the plan is that of those flags.")
-    p.add_argument("--target", default="", help="compile for this machine with its own compiler, "
-                   'on this computer: a TPU slice (libtpu: pip install "jax[tpu]==0.10.2"), ' + ", ".join(TPUS)
+    p.add_argument("--target", default="", help="compile for this machine with its own compiler, on "
+                   'this computer: a TPU slice (libtpu: pip install "jax[tpu]==0.10.2"), ' + ", ".join(TPUS)
                    + '; or N NVIDIA GPUs (the CUDA plugin: pip install "jax[cuda13]==0.10.2"; l4 is a 24 GB '
                    f"card), {target_names()[-1]}; '' = an XLA:CPU estimate for --data_parallel devices")
     a, rest = p.parse_known_args(argv)
