@@ -2,6 +2,7 @@
 gradient accumulation, memory per device, the collectives in the compiled HLO, and the error messages."""
 
 import dataclasses
+import importlib.metadata
 import math
 import os
 import re
@@ -311,6 +312,99 @@ def test_lora_step_gathers_the_frozen_base_and_reduces_only_adapter_gradients(lo
                   for dims in re.findall(r"f32\[([0-9,]*)\]", op.split(" all-reduce")[0]))
     n_adapters = sum(x.size for x in jax.tree.leaves(lora_eight["adapters"]))
     assert n_adapters <= reduced <= n_adapters + 8, (reduced, n_adapters, reduces)
+
+
+# The same claims in the program a TPU runs: compiled by libtpu for compile-only devices of a TPU slice (no TPU
+# needed). Wide enough that a device's slice of D is a whole TPU tile (1024 / 8 = 128 lanes): the TPU compiler
+# treats tensors narrower than a tile differently, and the claims are about real widths.
+WIDE = llama.LlamaConfig(vocab_size=256, hidden_size=1024, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64)
+
+
+def tpu_program(topology, lora=None):
+    """(compiled TPU program, abstract state, abstract batch) of WIDE's bf16 step on a TPU slice."""
+    try:
+        importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip('needs libtpu, the TPU compiler (pip install "jax[tpu]==0.10.2"; tests/requirements.txt)')
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile-only: no chip to lock
+    from jax.experimental import topologies
+    devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
+    mesh = sharding.make_mesh(devices=devices)
+    state = sharding.abstract_state(WIDE, mesh, jnp.bfloat16 if lora else jnp.float32, lora)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+             for k, v in make_batch(8).items()}
+    step = sharding.make_train_step(WIDE, mesh, OPT, compute_dtype=jnp.bfloat16, lora=lora)
+    return step.lower(state, batch).compile(), state, batch
+
+
+def hlo_loops(text):
+    """{while loop body: the collectives (op, [(dtype, shape), ...]) in it and in what it calls} of compiled
+    HLO text, and the same for the whole program under None."""
+    computations, name = {}, None
+    for line in text.splitlines():
+        if re.match(r"(ENTRY )?%\S+ .*\{$", line):
+            name = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            computations[name] = []
+        elif name and line.startswith("  "):
+            computations[name].append(line)
+
+    def collectives(roots):
+        seen, todo = set(), list(roots)
+        while todo:  # every computation the roots call, transitively
+            c = todo.pop()
+            if c not in seen:
+                seen.add(c)
+                todo += [n for n in re.findall(r"%([\w.-]+)", "\n".join(computations[c])) if n in computations]
+        return [(op, [(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in
+                      re.findall(r"(\w+)\[([\d,]*)\]", result)])
+                for c in seen for line in computations[c]
+                for result, op in re.findall(r"= (.*?) (all-gather|reduce-scatter|all-reduce)(?:-start)?\(", line)]
+    loops = re.findall(r"while\(.*?body=%([\w.-]+)", text)
+    return {None: collectives(computations), **{body: collectives([body]) for body in loops}}
+
+
+def test_the_tpu_program_is_fsdp_as_the_walkthrough_says():
+    """WIDE on a TPU v5e-8 (8 devices), compiled by libtpu: the layer loop gathers each layer's matrices whole
+    (bf16) in the forward pass and again in the backward pass (remat); the backward loop reduce-scatters
+    their float32 gradients to D/N slices; nothing gathers a whole stacked [L, ...] tensor; a device's
+    arguments are 1/N of the state (and of the batch). With LoRA: no reduce-scatter at all. On a v3-8 the
+    same libtpu all-reduces each layer's whole float32 gradient instead, then keeps its slice."""
+    n, D = 8, WIDE.hidden_size
+    matrices = {k: s[1:] for k, s in llama.param_shapes(WIDE)["layers"].items() if len(s) == 3}  # [L, in, out]
+    whole = set(matrices.values())
+    sliced = {tuple(d // n if d == D else d for d in s) for s in whole}  # D split: every matrix has one
+    stacked = set(llama.param_shapes(WIDE)["layers"].values())
+
+    def squeezed(shapes):
+        return {s[1:] if s[:1] == (1,) else s for _, s in shapes}
+
+    compiled, state, batch = tpu_program("v5e:2x4")
+    loops = hlo_loops(compiled.as_text())
+    # Two layer loops: the forward scan, and the backward one, which reduce-scatters.
+    forward, backward = sorted((k for k in loops if k), key=lambda k: "reduce-scatter" in dict(loops[k]))
+    for body in (forward, backward):
+        gathered = set().union(*(squeezed(r) for op, r in loops[body] if op == "all-gather"))
+        assert whole <= gathered, (body, whole - gathered)
+    scattered = [r for op, r in loops[backward] if op == "reduce-scatter"]
+    assert {d for r in scattered for d, _ in r} == {"f32"} and squeezed(sum(scattered, [])) == sliced
+    assert not [r for op, r in loops[forward] if op == "reduce-scatter"]
+    assert not [r for op, r in loops[None] if op == "all-gather" and squeezed(r) & stacked]
+    leaves = jax.tree.leaves((state, batch))
+    held = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in leaves)
+    everything = sum(math.prod(x.shape) * x.dtype.itemsize for x in leaves)
+    args = compiled.memory_analysis().argument_size_in_bytes
+    assert held <= args <= held * 1.001  # this device's shards, + the TPU's padding of a few small tensors
+    assert math.isclose(args * n, everything, rel_tol=2e-3)
+
+    lora = hlo_loops(tpu_program("v5e:2x4", LORA)[0].as_text())
+    assert not [r for op, r in lora[None] if op == "reduce-scatter"]
+    assert whole <= set().union(*(squeezed(r) for op, r in lora[None] if op == "all-gather"))
+
+    v3 = hlo_loops(tpu_program("v3:2x2")[0].as_text())
+    assert not [r for op, r in v3[None] if op == "reduce-scatter"]
+    reduced = set().union(*(squeezed(r) for body in v3 if body for op, r in v3[body] if op == "all-reduce"))
+    assert whole <= reduced  # every layer matrix's float32 gradient, whole, on every device
 
 
 def test_a_training_step_matches_transformers_and_torch_adamw():
