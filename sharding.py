@@ -23,8 +23,9 @@ What each device holds between steps (float32; every weight split along D, so D/
     layers/wq, wk, wv [32, 128, 4096] 67.1 MB each      wo [32, 4096, 128] 67.1 MB
     layers/w_gate, w_up [32, 128, 11008] 180 MB each    w_down [32, 11008, 128] 180 MB
     layers/attn_norm, mlp_norm [32, 128]
-  = 842 MB of parameters (1/32 of 27 GB), + 1.68 GB of AdamW mu and nu, + 842 MB of float32 gradient
-  accumulator: 3.4 GB of 16 GiB. Unsharded, the same state would be 108 GB per device.
+  = 842 MB of parameters (1/32 of 27 GB) + 1.68 GB of AdamW mu and nu: 2.53 GB, the compiled step's
+  arguments as libtpu counts them. Unsharded, the same state would be 108 GB per device (the accumulator of
+  micro-batches, if any, adds 842 MB).
 
 Forward, inside the jitted shard_map, on every device at once:
   1. embed and lm_head: cast to bf16, ALL-GATHER -> [32000, 4096] each. Each device receives 31/32 of
@@ -43,7 +44,12 @@ Backward (every layer is under jax.checkpoint, so only the layer inputs [1, 512,
 After the backward: ALL-REDUCE (psum) of 3 scalars (loss sum, token count, squared gradient norm): bytes.
 Then AdamW on the local shards only: no communication at all, 1/32 of the optimizer work per device.
 
-Per device and step that is ~52 GB moved (bf16 gradients would make it ~39), against ~8 x 6.74e9 x 512 = 2.8e13
+The TPU compiler's view (libtpu 0.0.42.1; benchmarks/memory_plan.py --target v3-32 --seq_len 512): 2.53 GB of
+arguments + 4.26 GB of temporaries (the gradient shards, the whole bf16 embed and lm_head and their float32
+gradients, a gathered layer, the float32 layer inputs) = 6.79 GB at the peak, of 15.48 GiB usable. On v3 it
+turns each reduce-scatter above into an all-reduce of the whole float32 gradient, every device keeping its
+slice: twice the gradient's bytes, ~78 GB a step (a v5e keeps most reduce-scatters).
+As written, a device moves ~52 GB a step (~39 with bf16 gradients), against ~8 x 6.74e9 x 512 = 2.8e13
 FLOPs (6N per token for forward+backward, +2N for the remat recompute). A v3 core does 61.5 bf16 TFLOP/s
 (123 per chip), so 0.45 s if every FLOP ran at peak (0.34 s for the 6N that MFU counts); Google quotes 340
 TB/s all-reduce bandwidth for a 1024-chip v3 pod, ~330 GB/s per chip: if these collectives reach it, the

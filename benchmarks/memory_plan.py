@@ -245,9 +245,8 @@ def compiled_memory(c, mc, lc, t, rows, micro):
         raise RuntimeError(f"compiling the train step for the memory plan failed:\n{child.stderr[-3000:]}")
     result = json.loads(child.stdout.strip().splitlines()[-1])
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.{os.getpid()}.partial", "w") as fh:
+    with llama.replaced(path, unique=True) as tmp, open(tmp, "w") as fh:
         json.dump(result, fh)
-    os.replace(fh.name, path)
     return result
 
 
