@@ -379,6 +379,21 @@ def test_read_only_out_with_a_damaged_checkpoint_is_refused_and_nothing_deleted(
     assert files_in(out) == before and (newest / "meta.json").exists()  # the damaged checkpoint kept
 
 
+def test_the_progress_line_counts_hours_past_a_day(capsys):
+    # A 7B run on small hardware takes days: 999 steps to go at 108 s a step is an ETA of 29 h 58 min.
+    from types import SimpleNamespace
+    import alpaca
+    import llama
+    plan = {"order": np.zeros(1000, np.int32), "row_start": np.arange(1001), "rows_per_step": 1, "steps": 1000}
+    run = SimpleNamespace(plan=plan, examples={"offsets": np.array([0, 100])}, mc=llama.read_config(STORIES),
+                          lc=None, c=alpaca.Config(log_every=1), t_launch=time.time())
+    logs = {"path": None, "wandb": None, "peak": None, "t_window": time.time() - 108, "tokens": 0, "flops": 0.0,
+            "last_logged": 0}
+    alpaca.log_step(run, logs, 0, {"loss": 2.5, "lr": 1e-5, "grad_norm": 0.5, "n_tokens": 50.0})
+    line = capsys.readouterr().out
+    assert line.startswith("step 1/1000  loss 2.5000") and re.search(r"  eta 29:58:\d\d\n$", line), line
+
+
 def test_written_files_follow_the_umask(reference_run):
     # As open() makes them: 0o666 & ~umask (0o644 under umask 022); safetensors alone makes 0o600.
     umask = os.umask(0)
