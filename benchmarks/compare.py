@@ -1,6 +1,7 @@
 """Our logits against transformers' on a real checkpoint (float32, CPU): the parity of llama.py.
 
-    .venv/bin/python benchmarks/compare.py --model tests/assets/stories260K --prompt "Once upon a time"
+    JAX_PLATFORMS=cpu .venv-test/bin/python benchmarks/compare.py --model tests/assets/stories260K \
+        --prompt "Once upon a time"
 
 prints one JSON line: the prompt's tokens, the largest |logit difference|, the top-1 agreement and the
 largest |logit| (for scale). Needs torch and transformers (tests/requirements.txt). A model that cannot be
