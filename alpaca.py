@@ -47,7 +47,7 @@ from safetensors.numpy import save_file
 import llama
 import sharding
 
-# --- 1. Flags ---------------------------------------------------------------------------------------------
+# --- 1. Flags -----------------------------------------------------------------------------------------
 
 # Stanford's 52K records at a pinned commit, taken only if their git blob id is the one that commit records.
 ALPACA_DATA_URL = ("https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/"
@@ -165,7 +165,7 @@ def say(*args):  # print, on process 0 only
         print(*args, flush=True)
 
 
-# --- 2. The run -------------------------------------------------------------------------------------------
+# --- 2. The run ---------------------------------------------------------------------------------------
 # train() is a run's whole life, one phase a line; the phases follow, in that order. Whatever the flags, the
 # data or the devices get wrong, preflight finds before a weight is read or a file written.
 
@@ -449,7 +449,7 @@ def finish(run, state):
     return status
 
 
-# --- 3. Preflight's checks, each in one place, each naming the flag, file or record to fix ----------------
+# --- 3. Preflight's checks, each in one place, each naming the flag, file or record to fix ------------
 
 FLAG_RULES = {  # rule: (its test, the flags it applies to)
     "positive": (lambda v: v > 0, "batch_size max_len seq_len lr lora_alpha"),
@@ -605,7 +605,7 @@ def check_resumable(resumed, c, meta, where):
                          ". Use the same settings to resume, or another --out to start afresh.")
 
 
-# --- 4. Records: {instruction, input, output} from a .json list, a .jsonl file or an http(s) URL ----------
+# --- 4. Records: {instruction, input, output} from a .json list, a .jsonl file or an http(s) URL ------
 
 
 def load_records(source, cache_dir=".cache", shown=None, jsonl=None):
@@ -689,7 +689,7 @@ def download_records(url, cache_dir):
         raise InputError(f"--data {url}: the download failed ({type(e).__name__}: {e})")
 
 
-# --- 5. Prompts and tokens --------------------------------------------------------------------------------
+# --- 5. Prompts and tokens ----------------------------------------------------------------------------
 
 PROMPT_DICT = {  # Stanford Alpaca's (train.py), character for character
     "prompt_input": ("Below is an instruction that describes a task, paired with an input that provides "
@@ -779,7 +779,7 @@ def tokenize_cached(records, sp, max_len, cache_dir):
     return examples, stats, False
 
 
-# --- 6. The plan: a token budget per step, a fixed number of rows, greedy first-fit with look-ahead -------
+# --- 6. The plan: a token budget per step, a fixed number of rows, greedy first-fit with look-ahead ---
 # Every step has R rows of T = seq_len tokens, R fixed for the run (a multiple of the data-parallel size) so
 # that shapes never change and nothing recompiles. R is chosen from the data so that a step holds about
 # batch_size examples: R ~ batch_size * mean length / T. Each epoch shuffles the examples from (seed, epoch).
@@ -851,7 +851,7 @@ def plan_stats(plan, lengths):
             "packing_efficiency": round(float(np.asarray(lengths)[plan["order"]].sum()) / (steps * R * T), 4)}
 
 
-# --- 7. Batches: five [R, T] arrays (sharding.BATCH_KEYS) -------------------------------------------------
+# --- 7. Batches: five [R, T] arrays (sharding.BATCH_KEYS) ---------------------------------------------
 #   tokens       the input tokens; 0 on padding
 #   targets      the token each position must predict: tokens[r, t + 1] within the same example, else 0
 #   loss_mask    1.0 where targets[r, t] is an output token or the EOS of the example, else 0.0
@@ -897,7 +897,7 @@ def host_batch(examples, plan, batch_sharding, step):
                                                       (R, T)) for k in parts[0]}
 
 
-# --- 8. Several hosts (README: "Several hosts") -----------------------------------------------------------
+# --- 8. Several hosts (README: "Several hosts") -------------------------------------------------------
 # One process per host, joined by jax.distributed: each builds its devices' rows and writes their slices.
 
 
@@ -940,7 +940,7 @@ def from_process_0(value):
     return int(all_processes(value)[0, 0])
 
 
-# --- 9. Checkpoints (README: "Checkpoints") ---------------------------------------------------------------
+# --- 9. Checkpoints (README: "Checkpoints, resume, faults") -------------------------------------------
 # OUT/checkpoints/step_N/: each process's slices (llama.local_slices); meta.json, the commit marker, last.
 
 
@@ -1051,7 +1051,7 @@ def resume_point(out):
     return step, meta, [s for s, _ in damaged]
 
 
-# --- 10. Hugging Face export, upload and generation (README: "Export") ------------------------------------
+# --- 10. Hugging Face export, upload and generation (README: "Choices", Export) -----------------------
 # The chat template renders Stanford's prompt: the last "user" message as the instruction, "input" the input.
 
 JINJA_FIELDS = {"instruction": "{{ ns.instruction }}", "input": "{{ ns.input }}"}
@@ -1119,7 +1119,7 @@ def generate_main(argv):
     return 0
 
 
-# --- 11. main, and --dry_run ------------------------------------------------------------------------------
+# --- 11. main, and --dry_run --------------------------------------------------------------------------
 
 
 def compile_step(c, mc, lc, mesh, rows, micro_batches):

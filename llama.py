@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-# --- 1. Config ----------------------------------------------------------------------------------------------
+# --- 1. Config ----------------------------------------------------------------------------------------
 
 
 class CheckpointError(ValueError):
@@ -107,7 +107,7 @@ class LlamaConfig:  # field names as in Hugging Face's config.json
                 "torch_dtype": dtype}  # transformers 4.x's name
 
 
-# --- 2. Parameters ------------------------------------------------------------------------------------------
+# --- 2. Parameters ------------------------------------------------------------------------------------
 # A plain dict. Matrices are stored for `x @ W`, i.e. [in, out]: the transpose of PyTorch's nn.Linear
 # weight [out, in]. The decoder layers are stacked on a leading L axis so that one lax.scan runs them all:
 # compile time does not grow with depth. The table maps our names to Hugging Face's (and says which are
@@ -209,7 +209,7 @@ def merge_lora(w, adapter, scale):
     return w.astype(np.float32) + scale * (adapter["a"].astype(np.float32) @ adapter["b"].astype(np.float32))
 
 
-# --- 3. Forward pass ----------------------------------------------------------------------------------------
+# --- 3. Forward pass ----------------------------------------------------------------------------------
 
 
 def rms_norm(x, weight, eps):
@@ -323,7 +323,7 @@ def forward(params, tokens, mc: LlamaConfig, *, positions=None, segment_ids=None
     return unembed(params, rms_norm(x, params["final_norm"], mc.rms_norm_eps), mc, dtype)
 
 
-# --- 4. Loss ------------------------------------------------------------------------------------------------
+# --- 4. Loss ------------------------------------------------------------------------------------------
 
 
 def cross_entropy(logits, targets, loss_mask):
@@ -366,7 +366,7 @@ def train_flops(mc: LlamaConfig, example_lengths, frozen_weights: bool = False) 
     return per_token * matmul_weights(mc) * float(lengths.sum()) + 6 * mc.num_hidden_layers * HE * 2 * pairs
 
 
-# --- 5. Generation with a KV cache --------------------------------------------------------------------------
+# --- 5. Generation with a KV cache --------------------------------------------------------------------
 
 
 def generate(params, prompt, mc: LlamaConfig, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -437,7 +437,7 @@ def sample_token(logits, key, temperature, top_p):
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-# --- 6. Hugging Face checkpoints ----------------------------------------------------------------------------
+# --- 6. Hugging Face checkpoints ----------------------------------------------------------------------
 
 HF_FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.model"]  # what we read
 IGNORED_TENSORS = ("rotary_emb.inv_freq",)  # old Llama conversions store RoPE frequencies; we recompute them
@@ -755,7 +755,7 @@ def save_peft(path: str, mc: LlamaConfig, lc: LoraConfig, lora, *, base_model: s
     return _write_dir(path, "adapter_config.json", config, files)
 
 
-# --- 7. The training state in safetensors, for any device layout ------------------------------------------
+# --- 7. The training state in safetensors, for any device layout --------------------------------------
 # Each process saves its devices' slices of a pytree of jax.Arrays, a tensor NAME@START each (START: the
 # slice's first index on each axis). Any layout reads them back, each slice from the saved ones it overlaps.
 
