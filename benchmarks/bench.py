@@ -245,32 +245,6 @@ def time_jax(name, mc, examples, plan, args, peaks, mode, mesh=None, micro_batch
                         micro_batches=micro_batches, lora=lora))
 
 
-def memory_only(name, mc, args, mode):
-    """XLA's per-device memory_analysis of the train step compiled for abstract inputs (nothing is allocated
-    or run): mode packed, the full fine-tune (float32 weights and AdamW state, float32 gradients); mode lora,
-    the frozen base in --memory_base_dtype (bfloat16: alpaca.py's default with --lora_rank) and float32
-    adapters (rank --lora_rank, all seven matrices) with their AdamW state. --memory_rows rows of --seq_len
-    in --memory_micro_batches passes, compute in --compute_dtype. On CPU this is XLA:CPU's buffer
-    assignment: an estimate of an accelerator's, not a measurement of one."""
-    mesh = sharding.make_mesh()
-    lora = llama.LoraConfig(rank=args.lora_rank, alpha=float(args.lora_rank)) if mode == "lora" else None
-    base_dtype = jnp.dtype(args.memory_base_dtype if lora else jnp.float32)
-    state = sharding.abstract_state(mc, mesh, base_dtype, lora)
-    step = train_step(mc, mesh, args, args.memory_micro_batches, lora)
-    batch = alpaca.abstract_batch(mesh, args.memory_rows, args.seq_len)
-    t0 = time.perf_counter()
-    mem = step.lower(state, batch).compile().memory_analysis()
-    return emit({"config": name, "mode": mode, "memory_only": True, "devices": mesh.shape["fsdp"],
-                 "rows": args.memory_rows, "seq_len": args.seq_len,
-                 "micro_batches": args.memory_micro_batches, "compute_dtype": args.compute_dtype,
-                 "remat": args.remat, "lora_rank": lora and lora.rank, "base_dtype": str(base_dtype),
-                 "compile_s": round(time.perf_counter() - t0, 1),
-                 "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-                 "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-                 "total_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                 - mem.alias_size_in_bytes})
-
-
 def summarize(name, mode, mc, examples, plan, times, step_ids, peaks, n_dev):
     """s_per_step is the median step time (robust to a busy machine); every rate is a total over the timed
     steps divided by their total time, so that steps holding more or fewer tokens weigh as they should."""
@@ -456,17 +430,6 @@ def main(argv=None):
                         "packed: the same model and batch)")
     p.add_argument("--lora_rank", type=int, default=8,
                    help="rank of the lora mode (alpha = rank, all seven matrices)")
-    p.add_argument("--memory_only", action="store_true",
-                   help="compile the steps of --modes (packed, lora) for --memory_rows rows of --seq_len on "
-                        "the devices here and print XLA's per-device memory_analysis; nothing is run, no "
-                        "data read")
-    p.add_argument("--memory_rows", type=int, default=8, help="rows of a step for --memory_only")
-    p.add_argument("--memory_micro_batches", type=int, default=1,
-                   help="micro-batches of a step for --memory_only")
-    p.add_argument("--memory_base_dtype", default="bfloat16",
-                   help="--memory_only: dtype of the lora mode's frozen base (XLA:CPU turns a bfloat16 base "
-                        "into a float32 copy for its float32 matmuls: give float32 with --compute_dtype "
-                        "float32 to see the temporaries without that copy)")
     p.add_argument("--remat", choices=("on", "off"), default="on",
                    help="jax.checkpoint per layer, as alpaca.py trains (on); off saves the recompute where "
                         "memory allows")
@@ -481,18 +444,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not args.compute_dtype:
         args.compute_dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-    if args.memory_only:
-        for name in args.configs.split(","):
-            mc = dataclasses.replace(CONFIGS[name], max_position_embeddings=max(args.seq_len, 2048))
-            for mode in (args.modes or "packed,lora").split(","):
-                r = memory_only(name, mc, args, mode)
-                print(f"{name} {mode}: {r['devices']} device(s), {r['rows']} rows x {r['seq_len']} in "
-                      f"{r['micro_batches']} pass(es): arguments {r['argument_bytes'] / 1e9:.2f} GB + "
-                      f"temporaries {r['temp_bytes'] / 1e9:.2f} GB (+ outputs not aliased to arguments) = "
-                      f"{r['total_bytes'] / 1e9:.2f} GB per device (XLA:{jax.default_backend().upper()} "
-                      "buffer assignment)")
-        return
 
     t_start = time.time()
     import jaxlib
